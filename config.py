@@ -1,0 +1,165 @@
+"""Every environment variable the worker reads, parsed once into a frozen `Settings`.
+
+This is the only module that touches `os.environ`. A bad value raises `ConfigError`
+with a sentence naming the variable and what it allows; `handler.py` turns that into
+an exit before the worker takes a job.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+TINY_MODEL_ID = "tiny-random"
+PRECISION_MODES = ("bf16", "8bit", "4bit")
+OFFLOAD_MODES = ("none", "model", "sequential", "auto")
+LIGHTNING_STEP_CHOICES = (4, 8)
+RUNPOD_HF_CACHE = "/runpod-volume/huggingface-cache/hub"
+STOCK_REFERENCE_AREA = 1024 * 1024  # what diffusers' pipeline encodes references at
+TINY_REFERENCE_AREA = 64 * 64
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value the worker cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_id: str = "Qwen/Qwen-Image-Edit-2509"
+    model_dir: str = "/models/qwen_image_edit_2509"
+    hf_cache_dirs: tuple[str, ...] = (RUNPOD_HF_CACHE,)
+    precision_mode: str = "bf16"
+    use_lightning_lora: bool = True
+    lightning_steps: int = 8
+    lightning_repo: str = "lightx2v/Qwen-Image-Lightning"
+    lightning_weight_name: str = ""
+    cpu_offload: str = "auto"
+    attention_backend: str = "native"
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    reference_image_area: int = STOCK_REFERENCE_AREA
+    max_concurrency: int = 8
+    max_batch_size: int = 4
+    batch_wait_ms: int = 50
+    max_input_images: int = 3
+    max_image_bytes: int = 20 * 1024 * 1024
+    image_download_timeout_s: float = 15.0
+    allow_private_image_urls: bool = False
+    save_output_dir: str = ""
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model_id == TINY_MODEL_ID
+
+    @property
+    def default_steps(self) -> int:
+        return self.lightning_steps if self.use_lightning_lora else 40
+
+    @property
+    def default_true_cfg_scale(self) -> float:
+        # Lightning is distilled without classifier-free guidance.
+        return 1.0 if self.use_lightning_lora else 4.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = _Env(os.environ if environ is None else environ)
+        model_id = env.text("MODEL_ID", cls.model_id)
+        steps = env.choice_int("LIGHTNING_STEPS", cls.lightning_steps, LIGHTNING_STEP_CHOICES)
+        max_batch = env.integer("MAX_BATCH_SIZE", cls.max_batch_size, 1, 64)
+        reference_default = TINY_REFERENCE_AREA if model_id == TINY_MODEL_ID else STOCK_REFERENCE_AREA
+        return cls(
+            model_id=model_id,
+            model_dir=env.text("MODEL_DIR", cls.model_dir),
+            hf_cache_dirs=(RUNPOD_HF_CACHE,),
+            precision_mode=env.choice("PRECISION_MODE", cls.precision_mode, PRECISION_MODES),
+            use_lightning_lora=env.boolean("USE_LIGHTNING_LORA", cls.use_lightning_lora),
+            lightning_steps=steps,
+            lightning_repo=env.text("LIGHTNING_REPO", cls.lightning_repo),
+            lightning_weight_name=env.text("LIGHTNING_WEIGHT_NAME", default_lightning_weight(steps)),
+            cpu_offload=env.choice("CPU_OFFLOAD", cls.cpu_offload, OFFLOAD_MODES),
+            attention_backend=env.text("ATTENTION_BACKEND", cls.attention_backend),
+            vae_tiling=env.boolean("VAE_TILING", cls.vae_tiling),
+            vae_slicing=env.boolean("VAE_SLICING", cls.vae_slicing),
+            reference_image_area=env.integer("REFERENCE_IMAGE_AREA", reference_default, 64 * 64, 2048 * 2048),
+            # Two batches' worth: one batch runs on the GPU while the next one fills.
+            max_concurrency=env.integer("MAX_CONCURRENCY", 2 * max_batch, 1, 256),
+            max_batch_size=max_batch,
+            batch_wait_ms=env.integer("BATCH_WAIT_MS", cls.batch_wait_ms, 0, 10_000),
+            max_input_images=env.integer("MAX_INPUT_IMAGES", cls.max_input_images, 1, 16),
+            max_image_bytes=env.integer("MAX_IMAGE_BYTES", cls.max_image_bytes, 1024, 200 * 1024 * 1024),
+            image_download_timeout_s=env.number("IMAGE_DOWNLOAD_TIMEOUT_S", cls.image_download_timeout_s, 0.1, 600),
+            allow_private_image_urls=env.boolean("ALLOW_PRIVATE_IMAGE_URLS", cls.allow_private_image_urls),
+            save_output_dir=env.text("SAVE_OUTPUT_DIR", cls.save_output_dir),
+        )
+
+
+def default_lightning_weight(steps: int) -> str:
+    return f"Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-{steps}steps-V1.0-bf16.safetensors"
+
+
+class _Env:
+    """Typed reads of environment variables; each failure names the variable."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self._environ = environ
+
+    def _raw(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def text(self, name: str, default: str) -> str:
+        return self._raw(name) or default
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{name} must be true or false (also 1/0, yes/no, on/off); got {raw!r}.")
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {raw!r}.")
+        return raw.lower()
+
+    def choice_int(self, name: str, default: int, allowed: tuple[int, ...]) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if not raw.isdigit() or int(raw) not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}; got {raw!r}.")
+        return int(raw)
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number from {low} to {high}; got {raw!r}.") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be a whole number from {low} to {high}; got {raw!r}.")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number from {low:g} to {high:g}; got {raw!r}.") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be a number from {low:g} to {high:g}; got {raw!r}.")
+        return value

@@ -1,0 +1,287 @@
+"""Build the diffusers pipeline once, lazily, as `Settings` says.
+
+Every choice goes through a diffusers or transformers API: `PipelineQuantizationConfig`
+for bitsandbytes, `load_lora_weights`/`fuse_lora` for Lightning, the pipeline's offload
+methods, `set_attention_backend`, and the VAE's own tiling and slicing. Each decision is
+logged with how long it took.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from config import Settings
+
+log = logging.getLogger("qwen_edit_worker.model")
+
+# Published by the Lightning authors (ModelTC/Qwen-Image-Lightning, generate_with_diffusers.py):
+# the distillation used a fixed shift of 3, so dynamic shifting is pinned to log(3).
+LIGHTNING_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": math.log(3),
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": math.log(3),
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": None,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+# The first block's image modulation is kept in full precision: quantizing it hurts quality
+# far more than it saves (it is what diffusers' and the model authors' NF4 recipes skip).
+NF4_SKIP_MODULES = ["transformer_blocks.0.img_mod"]
+QUANTIZED_COMPONENTS = ("transformer", "text_encoder")
+# Fraction of free GPU memory the weights may take before `CPU_OFFLOAD=auto` offloads:
+# the rest is left for activations, which reach several GB at 1024² and batch > 1.
+FIT_FRACTION = 0.8
+
+
+@dataclass
+class LoadedModel:
+    """The pipeline plus what the engine and the responses need to know about it."""
+
+    pipe: object  # diffusers.QwenImageEditPlusPipeline
+    device: torch.device
+    dtype: torch.dtype
+    precision: str
+    lightning: bool
+    offload: str
+
+
+@contextmanager
+def _timed(what: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    log.info("%s took %.2f s", what, time.perf_counter() - start)
+
+
+def resolve_device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
+    """bf16 where the GPU supports it, fp16 where it does not, fp32 on CPU."""
+    if not torch.cuda.is_available():
+        log.info("no CUDA device: running on CPU in float32")
+        return torch.device("cpu"), torch.float32
+    if torch.cuda.is_bf16_supported():
+        return torch.device("cuda"), torch.bfloat16
+    log.warning("GPU %s has no bfloat16 support: switching to float16", torch.cuda.get_device_name())
+    return torch.device("cuda"), torch.float16
+
+
+def _from_caches(fetch, cache_dirs: list[str | None], what: str) -> str:
+    """Look in each cache without the network; download into the first one if none has it."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    for cache_dir in cache_dirs:
+        try:
+            path = fetch(cache_dir=cache_dir, local_files_only=True)
+        except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+            continue
+        log.info("%s found in cache %s", what, cache_dir or "(default Hugging Face cache)")
+        return path
+    with _timed(f"downloading {what} into {cache_dirs[0]}"):
+        return fetch(cache_dir=cache_dirs[0], local_files_only=False)
+
+
+def _cache_dirs(settings: Settings) -> list[str | None]:
+    # MODEL_DIR first (it is also where downloads go), then RunPod's model cache, then the
+    # standard Hugging Face cache (None lets huggingface_hub resolve HF_HOME/HF_HUB_CACHE).
+    return [settings.model_dir, *settings.hf_cache_dirs, None]
+
+
+def resolve_model_path(settings: Settings) -> str:
+    if settings.is_tiny:
+        from tiny_model import ensure_tiny_model
+
+        with _timed("building the tiny random model"):
+            return str(ensure_tiny_model(settings.model_dir) / "pipeline")
+    from huggingface_hub import snapshot_download
+
+    def fetch(**kwargs):
+        return snapshot_download(settings.model_id, **kwargs)
+
+    return _from_caches(fetch, _cache_dirs(settings), settings.model_id)
+
+
+def resolve_lora_path(settings: Settings) -> str:
+    if settings.is_tiny:
+        from tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model(settings.model_dir) / "lightning-lora.safetensors")
+    from huggingface_hub import hf_hub_download
+
+    def fetch(**kwargs):
+        return hf_hub_download(settings.lightning_repo, settings.lightning_weight_name, **kwargs)
+
+    return _from_caches(fetch, _cache_dirs(settings), f"{settings.lightning_repo}/{settings.lightning_weight_name}")
+
+
+def quantization_config(settings: Settings, dtype: torch.dtype, cpu_offload_int8: bool = False):
+    """A diffusers `PipelineQuantizationConfig` for 4bit/8bit, or None for bf16."""
+    if settings.precision_mode == "bf16":
+        return None
+    from diffusers import BitsAndBytesConfig as DiffusersBnb
+    from diffusers import PipelineQuantizationConfig
+    from transformers import BitsAndBytesConfig as TransformersBnb
+
+    if settings.precision_mode == "4bit":
+        common = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    else:
+        common = dict(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=cpu_offload_int8)
+    return PipelineQuantizationConfig(
+        quant_mapping={
+            "transformer": DiffusersBnb(**common, llm_int8_skip_modules=NF4_SKIP_MODULES),
+            "text_encoder": TransformersBnb(**common),
+        }
+    )
+
+
+def _load_pipeline(settings: Settings, path: str, dtype: torch.dtype):
+    from diffusers import QwenImageEditPlusPipeline
+
+    quant = quantization_config(settings, dtype)
+    try:
+        with _timed(f"loading the pipeline ({settings.precision_mode}) from {path}"):
+            return QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, quantization_config=quant)
+    except (torch.OutOfMemoryError, ValueError) as error:
+        if settings.precision_mode != "8bit" or not _is_fit_error(error):
+            raise
+        log.warning("8-bit weights do not fit the GPU (%s): retrying with fp32 CPU offload", error)
+    return _load_8bit_with_cpu_offload(settings, path, dtype)
+
+
+def _is_fit_error(error: Exception) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "dispatched on the CPU" in str(error)
+
+
+def _load_8bit_with_cpu_offload(settings: Settings, path: str, dtype: torch.dtype, gpu_budget: int | None = None):
+    """LLM.int8 with the modules that do not fit kept on the CPU in fp32 (bitsandbytes' own recipe)."""
+    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+
+    torch.cuda.empty_cache()
+    if gpu_budget is None:
+        gpu_budget = int(torch.cuda.mem_get_info()[0] * FIT_FRACTION)
+    quant = quantization_config(settings, dtype, cpu_offload_int8=True).quant_mapping
+    with _timed("loading the 8-bit transformer with a CPU-offload device map"):
+        transformer = QwenImageTransformer2DModel.from_pretrained(
+            path,
+            subfolder="transformer",
+            dtype=dtype,
+            quantization_config=quant["transformer"],
+            device_map="auto",
+            max_memory={0: gpu_budget, "cpu": "512GiB"},
+        )
+    with _timed("loading the rest of the pipeline"):
+        return QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, transformer=transformer)
+
+
+def _load_lightning(pipe, settings: Settings, quantized: bool) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    lora = Path(resolve_lora_path(settings))
+    with _timed(f"loading the Lightning LoRA {lora.name}"):
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="lightning")
+    if quantized:
+        log.info("Lightning stays an unfused adapter: the base weights are quantized")
+    else:
+        with _timed("fusing the Lightning LoRA into the transformer"):
+            pipe.fuse_lora(lora_scale=1.0)
+            pipe.unload_lora_weights()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)
+    log.info("scheduler: the Lightning authors' FlowMatchEuler configuration (shift 3)")
+
+
+def _weights_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def choose_offload(settings: Settings, pipe, device: torch.device) -> str:
+    """`auto`: keep everything on the GPU when it fits, else offload per model, else per layer."""
+    if device.type != "cuda":
+        if settings.cpu_offload not in ("none", "auto"):
+            log.info("CPU_OFFLOAD=%s ignored: there is no GPU", settings.cpu_offload)
+        return "none"
+    if settings.cpu_offload != "auto":
+        return settings.cpu_offload
+    free = torch.cuda.mem_get_info()[0]
+    sizes = [_weights_bytes(getattr(pipe, name)) for name in ("transformer", "text_encoder", "vae")]
+    need, largest = sum(sizes), max(sizes)
+    choice = "none" if need <= free * FIT_FRACTION else "model" if largest <= free * FIT_FRACTION else "sequential"
+    log.info("CPU_OFFLOAD=auto: weights %.1f GiB, GPU free %.1f GiB -> %s", need / 2**30, free / 2**30, choice)
+    return choice
+
+
+def _place(pipe, offload: str, device: torch.device, quantized: bool) -> None:
+    with _timed(f"placing the pipeline (offload: {offload})"):
+        if offload == "model":
+            pipe.enable_model_cpu_offload()
+        elif offload == "sequential":
+            pipe.enable_sequential_cpu_offload()
+        elif not quantized:
+            pipe.to(device)
+        else:
+            # bitsandbytes already put the quantized modules on the GPU; move the rest.
+            pipe.vae.to(device)
+
+
+def _apply_memory_options(pipe, settings: Settings) -> None:
+    if settings.attention_backend != "native":
+        with _timed(f"attention backend {settings.attention_backend}"):
+            pipe.transformer.set_attention_backend(settings.attention_backend)
+    if settings.vae_tiling:
+        pipe.vae.enable_tiling()
+        log.info("VAE tiling on")
+    if settings.vae_slicing:
+        pipe.vae.enable_slicing()
+        log.info("VAE slicing on")
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    device, dtype = resolve_device_and_dtype(settings)
+    quantized = settings.precision_mode != "bf16"
+    if quantized and device.type != "cuda":
+        raise RuntimeError(f"PRECISION_MODE={settings.precision_mode} needs a CUDA GPU (bitsandbytes); use bf16 here.")
+    pipe = _load_pipeline(settings, resolve_model_path(settings), dtype)
+    pipe.set_progress_bar_config(disable=True)
+    if settings.use_lightning_lora:
+        _load_lightning(pipe, settings, quantized)
+    offload = choose_offload(settings, pipe, device)
+    _place(pipe, offload, device, quantized)
+    _apply_memory_options(pipe, settings)
+    precision = settings.precision_mode if quantized else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    return LoadedModel(pipe, device, dtype, precision, settings.use_lightning_lora, offload)
+
+
+class ModelHolder:
+    """Loads the model on first use, once, whichever thread asks first."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._model: LoadedModel | None = None
+        self._error: BaseException | None = None
+
+    def get(self) -> LoadedModel:
+        with self._lock:
+            if self._error is not None:
+                raise RuntimeError(f"the model failed to load: {self._error}") from self._error
+            if self._model is None:
+                try:
+                    with _timed("loading the model"):
+                        self._model = load_model(self._settings)
+                except BaseException as error:
+                    self._error = error
+                    raise
+            return self._model
