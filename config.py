@@ -47,6 +47,7 @@ class Settings:
     batch_wait_ms: int = 50
     max_input_images: int = 3
     max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
     image_download_timeout_s: float = 15.0
     allow_private_image_urls: bool = False
     save_output_dir: str = ""
@@ -91,6 +92,7 @@ class Settings:
             batch_wait_ms=env.integer("BATCH_WAIT_MS", cls.batch_wait_ms, 0, 10_000),
             max_input_images=env.integer("MAX_INPUT_IMAGES", cls.max_input_images, 1, 16),
             max_image_bytes=env.integer("MAX_IMAGE_BYTES", cls.max_image_bytes, 1024, 200 * 1024 * 1024),
+            max_image_pixels=env.integer("MAX_IMAGE_PIXELS", cls.max_image_pixels, 64 * 64, 100_000_000),
             image_download_timeout_s=env.number("IMAGE_DOWNLOAD_TIMEOUT_S", cls.image_download_timeout_s, 0.1, 600),
             allow_private_image_urls=env.boolean("ALLOW_PRIVATE_IMAGE_URLS", cls.allow_private_image_urls),
             save_output_dir=env.text("SAVE_OUTPUT_DIR", cls.save_output_dir),

@@ -59,6 +59,8 @@ class EditRequest:
     width: int | None = None
     height: int | None = None
     num_images: int = 1
+    # Called on the GPU thread after each denoising step with (step, total_steps).
+    progress: StepCallback | None = field(default=None, compare=False, repr=False)
 
     @property
     def do_cfg(self) -> bool:
@@ -115,7 +117,7 @@ class EditEngine:
         return (*self.plan(request).key, request.num_inference_steps, request.do_cfg)
 
     @torch.inference_mode()
-    def run_batch(self, requests: Sequence[EditRequest], on_step: StepCallback | None = None) -> list[EditResult]:
+    def run_batch(self, requests: Sequence[EditRequest]) -> list[EditResult]:
         if len({self.batch_key(r) for r in requests}) != 1:
             raise ValueError("run_batch needs requests with one batch key")
         model = self._model()
@@ -128,7 +130,7 @@ class EditEngine:
         timings["encode"] = _ms_since(start)
 
         start = time.perf_counter()
-        latents = self._denoise(pipe, requests, encoded, plan, on_step)
+        latents = self._denoise(pipe, requests, encoded, plan)
         timings["denoise"] = _ms_since(start)
 
         start = time.perf_counter()
@@ -170,7 +172,7 @@ class EditEngine:
             image_latents = latents_k if k == 0 else image_latents
         return {"embeds": embeds, "negative": negative, "noise": noise, "image_latents": image_latents}
 
-    def _denoise(self, pipe, requests, encoded, plan: _Plan, on_step: StepCallback | None) -> torch.Tensor:
+    def _denoise(self, pipe, requests, encoded, plan: _Plan) -> torch.Tensor:
         device = pipe._execution_device
         repeats = [r.num_images for r in requests]
         latents = torch.cat([n for e in encoded for n in e["noise"]])
@@ -223,8 +225,9 @@ class EditEngine:
                 # Qwen's guidance keeps the conditional prediction's norm.
                 noise_pred = combined * (noise_pred.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            if on_step is not None:
-                on_step(i + 1, len(timesteps))
+            for request in requests:
+                if request.progress is not None:
+                    request.progress(i + 1, len(timesteps))
         return latents
 
     def _decode(self, pipe, latents: torch.Tensor, plan: _Plan) -> np.ndarray:

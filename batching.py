@@ -1,0 +1,198 @@
+"""Dynamic batching of edit requests onto one GPU thread.
+
+Semantics (the contract the handler and the tests rely on):
+
+- `submit(request, size)` returns an awaitable for that request's own result or error.
+  `size` is how many GPU batch slots the request fills (its number of output images).
+- Requests are grouped by `key(request)`; only requests with equal keys share a batch.
+- A group is *ready* when its slots reach `max_batch_size` or its oldest request has
+  waited `max_wait_s`. Of the ready groups, the one whose oldest request arrived first
+  runs next, so no key starves. A batch takes requests of its key in arrival order while
+  they fit; a single request larger than `max_batch_size` runs alone.
+- All batches run on one thread, one at a time; the event loop never waits on them.
+- A batch that raises is retried one request at a time, so only the guilty request gets
+  the error; a batch that runs out of GPU memory is split in halves and retried.
+- A request whose awaitable was cancelled while queued never reaches the GPU; one
+  cancelled while its batch runs is simply not answered, the others are.
+- Every submitted request is answered exactly once (result, error, or cancellation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Hashable, Sequence, TypeVar
+
+log = logging.getLogger("qwen_edit_worker.batching")
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+RunBatch = Callable[[Sequence[Req]], Sequence[Res]]
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher is shutting down and takes no new requests."""
+
+
+@dataclass
+class _Item(Generic[Req]):
+    request: Req
+    key: Hashable
+    size: int
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.cancelled()
+
+
+class Batcher(Generic[Req, Res]):
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        key: Callable[[Req], Hashable],
+        max_batch_size: int,
+        max_wait_s: float,
+        is_out_of_memory: Callable[[BaseException], bool] = lambda error: False,
+        on_start: Callable[[], Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if max_batch_size < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_wait_s >= 0")
+        self._run_batch = run_batch
+        self._key = key
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self._is_oom = is_out_of_memory
+        self._on_start = on_start
+        self._clock = clock
+        self._pending: list[_Item] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="gpu-batcher", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------- event-loop side
+
+    def submit(self, request: Req, size: int = 1) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        item = _Item(request, self._key(request), size, loop.create_future(), loop, self._clock())
+        with self._cond:
+            if self._closing:
+                raise BatcherClosed("the worker is shutting down and takes no new jobs")
+            self._pending.append(item)
+            self._cond.notify()
+        return item.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new requests, finish every queued and running one, then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    # ------------------------------------------------------------------- GPU thread
+
+    def _loop(self) -> None:
+        if self._on_start is not None:
+            try:
+                self._on_start()
+            except Exception:
+                log.exception("start-up work failed; requests will get the error when they run")
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> list[_Item] | None:
+        with self._cond:
+            while True:
+                self._pending = [item for item in self._pending if not item.cancelled]
+                if not self._pending:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                    continue
+                batch, wait = self._ready_batch(self._clock())
+                if batch:
+                    taken = {id(item) for item in batch}
+                    self._pending = [item for item in self._pending if id(item) not in taken]
+                    return batch
+                self._cond.wait(timeout=wait)
+
+    def _ready_batch(self, now: float) -> tuple[list[_Item], float]:
+        """The batch to run now, or none and how long until one could be ready."""
+        groups: dict[Hashable, list[_Item]] = {}
+        for item in self._pending:  # arrival order, so each group's head is its oldest
+            groups.setdefault(item.key, []).append(item)
+        soonest = float("inf")
+        for members in sorted(groups.values(), key=lambda g: g[0].arrived):
+            batch = self._fill(members)
+            deadline = members[0].arrived + self.max_wait_s
+            if self._closing or sum(i.size for i in batch) >= self.max_batch_size or now >= deadline:
+                return batch, 0.0
+            soonest = min(soonest, deadline - now)
+        return [], soonest
+
+    def _fill(self, members: list[_Item]) -> list[_Item]:
+        batch, used = [], 0
+        for item in members:
+            if batch and used + item.size > self.max_batch_size:
+                break
+            batch.append(item)
+            used += item.size
+        return batch
+
+    def _run(self, batch: list[_Item]) -> None:
+        live = [item for item in batch if not item.cancelled]
+        if not live:
+            return
+        try:
+            start = time.perf_counter()
+            results = self._run_batch([item.request for item in live])
+            log.info("batch of %d (key %s) ran in %.0f ms", len(live), live[0].key, (time.perf_counter() - start) * 1000)
+        except Exception as error:
+            self._recover(live, error)
+            return
+        for item, result in zip(live, results, strict=True):
+            _resolve(item, result=result)
+
+    def _recover(self, batch: list[_Item], error: Exception) -> None:
+        if len(batch) == 1:
+            log.warning("request failed: %s: %s", type(error).__name__, error)
+            _resolve(batch[0], error=error)
+        elif self._is_oom(error):
+            half = len(batch) // 2
+            log.warning("batch of %d ran out of GPU memory: retrying as %d + %d", len(batch), half, len(batch) - half)
+            self._run(batch[:half])
+            self._run(batch[half:])
+        else:
+            log.warning("batch of %d failed (%s): retrying its requests one at a time", len(batch), error)
+            for item in batch:
+                self._run([item])
+
+
+def _resolve(item: _Item, result: Any = None, error: BaseException | None = None) -> None:
+    def settle() -> None:
+        if item.future.done():  # cancelled meanwhile: nobody is waiting
+            return
+        if error is not None:
+            item.future.set_exception(error)
+        else:
+            item.future.set_result(result)
+
+    try:
+        item.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: its awaiting task is gone
+        log.warning("result dropped: the event loop that asked for it has closed")

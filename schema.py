@@ -1,0 +1,102 @@
+"""The job input contract: `job["input"]` parsed into an `EditInput`, or one clear sentence.
+
+Types are strict (a JSON number where a number is expected, not a string) and unknown
+fields are refused, because they are usually typos (`promt`) that would otherwise be
+silently ignored. Every error names the field and what it allows.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from config import Settings
+
+MAX_PROMPT_CHARS = 4000
+MAX_SEED = 2**32 - 1
+
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+ImageSource = Annotated[str, Field(min_length=1)]
+
+# What each field allows, in the words of the error sentence.
+FIELD_RULES: dict[str, str] = {
+    "prompt": f"a non-empty string of at most {MAX_PROMPT_CHARS} characters",
+    "negative_prompt": f"a string of at most {MAX_PROMPT_CHARS} characters",
+    "image_url": "an http(s) URL string",
+    "image_base64": "a base64 string or data URI",
+    "images": "a list of image URLs, base64 strings or data URIs",
+    "num_inference_steps": "a whole number from 1 to 100",
+    "true_cfg_scale": "a number from 0 to 20 (above 1 turns classifier-free guidance on)",
+    "seed": f"a whole number from 0 to {MAX_SEED}",
+    "width": "a whole number from 64 to 2048",
+    "height": "a whole number from 64 to 2048",
+    "num_images": "a whole number from 1 to 4",
+    "output_format": "one of png, jpeg, webp",
+    "output_quality": "a whole number from 1 to 100",
+}
+
+
+class InputError(ValueError):
+    """The job input is not acceptable; the message is the sentence the client sees."""
+
+
+class EditInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    prompt: Prompt
+    image_url: ImageSource | None = None
+    image_base64: ImageSource | None = None
+    images: list[ImageSource] | None = None
+    negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
+    num_inference_steps: Annotated[int, Field(ge=1, le=100)] | None = None
+    true_cfg_scale: Annotated[float, Field(ge=0.0, le=20.0, allow_inf_nan=False)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    width: Annotated[int, Field(ge=64, le=2048)] | None = None
+    height: Annotated[int, Field(ge=64, le=2048)] | None = None
+    num_images: Annotated[int, Field(ge=1, le=4)] = 1
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_quality: Annotated[int, Field(ge=1, le=100)] = 95
+
+    def image_sources(self) -> list[str]:
+        """Every input image in order: image_url, image_base64, then images."""
+        single = [s for s in (self.image_url, self.image_base64) if s is not None]
+        return single + list(self.images or [])
+
+
+def parse(job_input: Any, settings: Settings) -> EditInput:
+    if not isinstance(job_input, dict):
+        raise InputError("'input' must be a JSON object with a 'prompt' and at least one image.")
+    try:
+        params = EditInput.model_validate(job_input)
+    except ValidationError as error:
+        raise InputError(_sentence(error.errors()[0])) from None
+    count = len(params.image_sources())
+    if not 1 <= count <= settings.max_input_images:
+        raise InputError(
+            f"Input images (image_url, image_base64 and images together) must number from 1 to "
+            f"{settings.max_input_images}; got {count}."
+        )
+    return params
+
+
+def resolve_seed(params: EditInput) -> int:
+    return params.seed if params.seed is not None else random.SystemRandom().randint(0, MAX_SEED)
+
+
+def _sentence(error: dict) -> str:
+    loc = error.get("loc") or ("input",)
+    field = str(loc[0])
+    if error["type"] == "extra_forbidden":
+        return f"Unknown input field '{field}'; allowed fields are {', '.join(FIELD_RULES)}."
+    rule = FIELD_RULES.get(field, "valid")
+    if error["type"] == "missing":
+        return f"Input field '{field}' is required: it must be {rule}."
+    where = f"'{field}'" if len(loc) == 1 else f"'{field}' item {loc[1]}"
+    return f"Input field {where} must be {rule}; got {_shown(error.get('input'))}."
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
