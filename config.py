@@ -66,8 +66,8 @@ class Settings:
         return 1.0 if self.use_lightning_lora else 4.0
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
-        env = _Env(os.environ if environ is None else environ)
+    def from_env(cls, environ: "Mapping[str, str] | _Env | None" = None) -> "Settings":
+        env = environ if isinstance(environ, _Env) else _Env(os.environ if environ is None else environ)
         model_id = env.text("MODEL_ID", cls.model_id)
         steps = env.choice_int("LIGHTNING_STEPS", cls.lightning_steps, LIGHTNING_STEP_CHOICES)
         max_batch = env.integer("MAX_BATCH_SIZE", cls.max_batch_size, 1, 64)
@@ -82,7 +82,7 @@ class Settings:
             lightning_repo=env.text("LIGHTNING_REPO", cls.lightning_repo),
             lightning_weight_name=env.text("LIGHTNING_WEIGHT_NAME", default_lightning_weight(steps)),
             cpu_offload=env.choice("CPU_OFFLOAD", cls.cpu_offload, OFFLOAD_MODES),
-            attention_backend=env.text("ATTENTION_BACKEND", cls.attention_backend),
+            attention_backend=env.choice("ATTENTION_BACKEND", cls.attention_backend, attention_backends()),
             vae_tiling=env.boolean("VAE_TILING", cls.vae_tiling),
             vae_slicing=env.boolean("VAE_SLICING", cls.vae_slicing),
             reference_image_area=env.integer("REFERENCE_IMAGE_AREA", reference_default, 64 * 64, 2048 * 2048),
@@ -99,6 +99,20 @@ class Settings:
         )
 
 
+def attention_backends() -> tuple[str, ...]:
+    """The backend names diffusers' `set_attention_backend` accepts."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    return tuple(backend.value for backend in AttentionBackendName)
+
+
+def variable_names() -> list[str]:
+    """Every environment variable `Settings.from_env` reads, in order (for docs and tests)."""
+    env = _Env({})
+    Settings.from_env(env)
+    return env.names
+
+
 def default_lightning_weight(steps: int) -> str:
     return f"Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-{steps}steps-V1.0-bf16.safetensors"
 
@@ -108,8 +122,10 @@ class _Env:
 
     def __init__(self, environ: Mapping[str, str]):
         self._environ = environ
+        self.names: list[str] = []
 
     def _raw(self, name: str) -> str | None:
+        self.names.append(name)
         value = self._environ.get(name)
         return None if value is None or value.strip() == "" else value.strip()
 

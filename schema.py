@@ -71,7 +71,10 @@ def parse(job_input: Any, settings: Settings) -> EditInput:
     try:
         params = EditInput.model_validate(job_input)
     except ValidationError as error:
-        raise InputError(_sentence(error.errors()[0])) from None
+        problems = error.errors()
+        # An unknown field is usually a typo of a missing one: name the typo first.
+        first = next((p for p in problems if p["type"] == "extra_forbidden"), problems[0])
+        raise InputError(_sentence(first)) from None
     count = len(params.image_sources())
     if not 1 <= count <= settings.max_input_images:
         raise InputError(

@@ -1,0 +1,50 @@
+"""Shared fixtures: one tiny random pipeline per test session, built offline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from config import Settings
+from engine import EditEngine
+from model_loader import ModelHolder
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_env(model_dir):
+    """The environment of a tiny-random worker; tests add or override variables."""
+
+    def make(**overrides: str) -> dict[str, str]:
+        env = {"MODEL_ID": "tiny-random", "MODEL_DIR": model_dir, "USE_LIGHTNING_LORA": "false"}
+        env.update(overrides)
+        return env
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_env) -> Settings:
+    return Settings.from_env(tiny_env())
+
+
+@pytest.fixture(scope="session")
+def base_holder(tiny_settings) -> ModelHolder:
+    holder = ModelHolder(tiny_settings)
+    holder.get()
+    return holder
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_settings, base_holder) -> EditEngine:
+    return EditEngine(tiny_settings, base_holder.get)
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)

@@ -1,0 +1,98 @@
+"""Settings: defaults, every bad value named, and the worker refusing to start on one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError, Settings, default_lightning_weight, variable_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_documented_ones():
+    s = Settings.from_env({})
+    assert s.model_id == "Qwen/Qwen-Image-Edit-2509"
+    assert s.model_dir == "/models/qwen_image_edit_2509"
+    assert (s.precision_mode, s.use_lightning_lora, s.lightning_steps) == ("bf16", True, 8)
+    assert s.lightning_repo == "lightx2v/Qwen-Image-Lightning"
+    assert s.lightning_weight_name == "Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-8steps-V1.0-bf16.safetensors"
+    assert (s.cpu_offload, s.attention_backend, s.vae_tiling, s.vae_slicing) == ("auto", "native", False, False)
+    assert (s.max_batch_size, s.max_concurrency, s.batch_wait_ms) == (4, 8, 50)
+    assert (s.max_input_images, s.allow_private_image_urls) == (3, False)
+    assert s.reference_image_area == 1024 * 1024
+    assert (s.default_steps, s.default_true_cfg_scale) == (8, 1.0)
+
+
+def test_lightning_steps_choose_the_weight_file_and_defaults():
+    s = Settings.from_env({"LIGHTNING_STEPS": "4"})
+    assert s.lightning_weight_name == default_lightning_weight(4)
+    assert "4steps" in s.lightning_weight_name and s.default_steps == 4
+    off = Settings.from_env({"USE_LIGHTNING_LORA": "false"})
+    assert (off.default_steps, off.default_true_cfg_scale) == (40, 4.0)
+
+
+def test_max_concurrency_defaults_to_two_batches_and_can_be_set():
+    assert Settings.from_env({"MAX_BATCH_SIZE": "3"}).max_concurrency == 6
+    assert Settings.from_env({"MAX_BATCH_SIZE": "3", "MAX_CONCURRENCY": "5"}).max_concurrency == 5
+
+
+def test_values_are_parsed_and_normalised():
+    s = Settings.from_env({"PRECISION_MODE": "4BIT", "VAE_TILING": "yes", "CPU_OFFLOAD": " model ", "ATTENTION_BACKEND": "flash"})
+    assert (s.precision_mode, s.vae_tiling, s.cpu_offload, s.attention_backend) == ("4bit", True, "model", "flash")
+
+
+@pytest.mark.parametrize(
+    "name, value, allowed",
+    [
+        ("PRECISION_MODE", "bogus", "bf16, 8bit, 4bit"),
+        ("CPU_OFFLOAD", "always", "none, model, sequential, auto"),
+        ("LIGHTNING_STEPS", "6", "4, 8"),
+        ("USE_LIGHTNING_LORA", "maybe", "true or false"),
+        ("MAX_BATCH_SIZE", "0", "from 1 to 64"),
+        ("BATCH_WAIT_MS", "soon", "whole number"),
+        ("IMAGE_DOWNLOAD_TIMEOUT_S", "-1", "number from"),
+        ("ATTENTION_BACKEND", "warp-drive", "native"),
+        ("MAX_INPUT_IMAGES", "100", "from 1 to 16"),
+    ],
+)
+def test_a_bad_value_names_the_variable_and_what_it_allows(name, value, allowed):
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({name: value})
+    message = str(caught.value)
+    assert message.startswith(name) and allowed in message and repr(value) in message
+
+
+def test_tiny_model_uses_a_small_reference_area():
+    assert Settings.from_env({"MODEL_ID": "tiny-random"}).reference_image_area == 64 * 64
+    assert Settings.from_env({"MODEL_ID": "tiny-random", "REFERENCE_IMAGE_AREA": "16384"}).reference_image_area == 16384
+
+
+def test_variable_names_lists_every_read():
+    names = variable_names()
+    assert {"MODEL_ID", "PRECISION_MODE", "MAX_CONCURRENCY", "ALLOW_PRIVATE_IMAGE_URLS"} <= set(names)
+    assert len(names) == len(set(names))
+
+
+def test_only_config_reads_the_environment():
+    offenders = [
+        path.name
+        for path in ROOT.glob("*.py")
+        if path.name != "config.py" and ("os.environ" in path.read_text() or "getenv" in path.read_text())
+    ]
+    assert offenders == []
+
+
+def test_worker_refuses_to_start_with_a_bad_precision_mode():
+    env = {**os.environ, "PRECISION_MODE": "bogus", "MODEL_ID": "tiny-random"}
+    done = subprocess.run(
+        [sys.executable, "handler.py", "--test_input", '{"input": {"prompt": "x"}}'],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode != 0
+    assert "PRECISION_MODE" in done.stderr and "bogus" in done.stderr
+    assert "Starting Serverless Worker" not in done.stdout

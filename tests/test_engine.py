@@ -1,0 +1,133 @@
+"""The batched engine against diffusers' own pipeline, on the tiny model in float32."""
+
+from __future__ import annotations
+
+import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as stock_module
+import numpy as np
+import pytest
+import torch
+
+from engine import EditRequest, pad_and_stack
+from tests.conftest import random_image
+
+TOLERANCE = 1e-4  # float32; measured differences are around 1e-6
+
+IMAGE_A = random_image(64, 48, seed=1)
+IMAGE_B = random_image(40, 64, seed=2)
+
+
+def stock_pipeline_images(pipe, request: EditRequest) -> np.ndarray:
+    """What `QwenImageEditPlusPipeline.__call__` makes for the request, alone, with its seed."""
+    kwargs = {}
+    if request.do_cfg:
+        kwargs["negative_prompt"] = request.negative_prompt or " "
+    return pipe(
+        image=list(request.images),
+        prompt=request.prompt,
+        true_cfg_scale=request.true_cfg_scale,
+        width=request.width,
+        height=request.height,
+        num_inference_steps=request.num_inference_steps,
+        generator=torch.Generator().manual_seed(request.seed),
+        output_type="np",
+        **kwargs,
+    ).images
+
+
+@pytest.fixture
+def stock_reference_area(monkeypatch, tiny_settings):
+    # The stock pipeline encodes references at a module constant; the engine makes it a setting.
+    monkeypatch.setattr(stock_module, "VAE_IMAGE_SIZE", tiny_settings.reference_image_area)
+
+
+def request(prompt="make the sky blue", seed=7, cfg=1.0, **kwargs) -> EditRequest:
+    defaults = dict(images=(IMAGE_A, IMAGE_B), num_inference_steps=3, width=64, height=48)
+    defaults.update(kwargs)
+    return EditRequest(prompt=prompt, seed=seed, true_cfg_scale=cfg, **defaults)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0], ids=["no-cfg", "cfg"])
+def test_batch_of_one_matches_the_stock_pipeline(engine, base_holder, stock_reference_area, cfg):
+    edit = request(cfg=cfg, negative_prompt="blurry")
+    ours = engine.run_batch([edit])[0].images[0]
+    theirs = stock_pipeline_images(base_holder.get().pipe, edit)[0]
+    assert ours.shape == theirs.shape == (48, 64, 3)
+    assert np.abs(ours - theirs).max() < TOLERANCE
+
+
+def test_single_reference_image_and_default_size_match_the_stock_pipeline(engine, base_holder, stock_reference_area):
+    edit = request(images=(IMAGE_B,), width=None, height=None)
+    ours = engine.run_batch([edit])[0]
+    # The stock pipeline sizes the output from the last image's aspect ratio at its default area.
+    pipe = base_holder.get().pipe
+    width, height = stock_module.calculate_dimensions(engine.default_output_area, IMAGE_B.size[0] / IMAGE_B.size[1])
+    theirs = stock_pipeline_images(pipe, request(images=(IMAGE_B,), width=width, height=height))[0]
+    assert (ours.width, ours.height) == (width, height)
+    assert np.abs(ours.images[0] - theirs).max() < TOLERANCE
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0], ids=["no-cfg", "cfg"])
+def test_result_in_a_batch_equals_result_alone(engine, cfg):
+    other_cfg = cfg if cfg == 1.0 else 6.0
+    first = request(cfg=cfg)
+    # A longer prompt forces padding and a text mask; two images; another CFG scale.
+    second = request(prompt="turn the whole scene into a detailed watercolor painting", seed=99, cfg=other_cfg, num_images=2)
+    together = engine.run_batch([first, second])
+    assert [r.batch_size for r in together] == [2, 2]
+    alone_first = engine.run_batch([first])[0]
+    alone_second = engine.run_batch([second])[0]
+    assert alone_first.batch_size == 1
+    assert np.abs(together[0].images[0] - alone_first.images[0]).max() < TOLERANCE
+    for in_batch, solo in zip(together[1].images, alone_second.images, strict=True):
+        assert np.abs(in_batch - solo).max() < TOLERANCE
+
+
+def test_image_k_of_a_request_uses_seed_plus_k(engine):
+    several = engine.run_batch([request(seed=1000, num_images=3)])[0].images
+    for k in range(3):
+        single = engine.run_batch([request(seed=1000 + k)])[0].images[0]
+        assert np.abs(several[k] - single).max() < TOLERANCE
+    assert np.abs(several[0] - several[1]).max() > 0.01  # different seeds, different images
+
+
+def test_same_seed_same_pixels_and_another_seed_differs(engine):
+    a = engine.run_batch([request(seed=5)])[0].images[0]
+    b = engine.run_batch([request(seed=5)])[0].images[0]
+    c = engine.run_batch([request(seed=6)])[0].images[0]
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).max() > 0.01
+
+
+def test_batch_key_separates_what_cannot_share_a_batch(engine):
+    base = engine.batch_key(request())
+    assert engine.batch_key(request(prompt="another prompt", seed=3, cfg=1.0)) == base
+    assert engine.batch_key(request(width=128)) != base
+    assert engine.batch_key(request(num_inference_steps=4)) != base
+    assert engine.batch_key(request(cfg=4.0)) != base
+    assert engine.batch_key(request(images=(IMAGE_A,))) != base
+    with pytest.raises(ValueError, match="one batch key"):
+        engine.run_batch([request(), request(width=128)])
+
+
+def test_output_size_is_rounded_to_what_the_model_needs(engine):
+    result = engine.run_batch([request(width=100, height=70, num_inference_steps=1)])[0]
+    assert (result.width, result.height) == (96, 64)
+    assert result.images[0].shape == (64, 96, 3)
+
+
+def test_progress_is_reported_for_every_step_of_every_request(engine):
+    seen: dict[str, list[tuple[int, int]]] = {"a": [], "b": []}
+    first = request(progress=lambda step, total: seen["a"].append((step, total)))
+    second = request(seed=8, progress=lambda step, total: seen["b"].append((step, total)))
+    engine.run_batch([first, second])
+    assert seen["a"] == seen["b"] == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_pad_and_stack_masks_only_when_lengths_differ():
+    short, long = torch.ones(1, 3, 4), torch.ones(1, 5, 4)
+    stacked, mask = pad_and_stack([short, long], [2, 1])
+    assert stacked.shape == (3, 5, 4)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert torch.all(stacked[0, 3:] == 0)
+    _, no_mask = pad_and_stack([short, short], [1, 1])
+    assert no_mask is None

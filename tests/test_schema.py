@@ -1,0 +1,88 @@
+"""The job input contract: what is accepted, and the one sentence for what is not."""
+
+from __future__ import annotations
+
+import pytest
+
+from config import Settings
+from schema import FIELD_RULES, MAX_SEED, InputError, parse, resolve_seed
+
+SETTINGS = Settings.from_env({"MAX_INPUT_IMAGES": "3"})
+URL = "https://example.com/a.png"
+
+
+def ok(**fields):
+    return parse({"prompt": "make it blue", "image_url": URL, **fields}, SETTINGS)
+
+
+def refused(job_input) -> str:
+    with pytest.raises(InputError) as caught:
+        parse(job_input, SETTINGS)
+    return str(caught.value)
+
+
+def test_a_full_valid_input_is_accepted():
+    params = ok(
+        negative_prompt="blurry", num_inference_steps=8, true_cfg_scale=4, seed=MAX_SEED, width=1024,
+        height=768, num_images=4, output_format="webp", output_quality=80, images=["aGVsbG8=", "data:image/png;base64,aGk="],
+    )
+    assert params.true_cfg_scale == 4.0 and params.seed == MAX_SEED
+    assert params.image_sources() == [URL, "aGVsbG8=", "data:image/png;base64,aGk="]
+
+
+def test_defaults():
+    params = ok()
+    assert (params.num_images, params.output_format, params.output_quality) == (1, "png", 95)
+    assert params.seed is None and params.num_inference_steps is None and params.true_cfg_scale is None
+
+
+def test_seed_is_random_when_absent_and_kept_when_given():
+    assert resolve_seed(ok(seed=0)) == 0
+    seeds = {resolve_seed(ok()) for _ in range(20)}
+    assert len(seeds) > 1 and all(0 <= s <= MAX_SEED for s in seeds)
+
+
+@pytest.mark.parametrize("job_input", [None, "make it blue", ["prompt"], 42])
+def test_input_that_is_not_an_object(job_input):
+    assert refused(job_input) == "'input' must be a JSON object with a 'prompt' and at least one image."
+
+
+def test_unknown_field_is_refused_with_the_allowed_ones():
+    message = refused({"promt": "x", "image_url": URL})
+    assert message.startswith("Unknown input field 'promt'") and "prompt, image_url" in message
+
+
+def test_missing_prompt():
+    assert refused({"image_url": URL}) == f"Input field 'prompt' is required: it must be {FIELD_RULES['prompt']}."
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("prompt", ""), ("prompt", "x" * 4001), ("prompt", 5), ("num_inference_steps", 0),
+        ("num_inference_steps", 101), ("num_inference_steps", "8"), ("num_inference_steps", 8.5),
+        ("true_cfg_scale", -1), ("true_cfg_scale", 21), ("true_cfg_scale", True), ("seed", -1),
+        ("seed", MAX_SEED + 1), ("width", 63), ("height", 2049), ("num_images", 5), ("output_format", "gif"),
+        ("output_quality", 0), ("negative_prompt", ["a"]), ("images", "not-a-list"), ("image_url", ""),
+    ],
+)  # fmt: skip
+def test_bad_values_name_the_field_and_what_it_allows(field, value):
+    job_input = {"prompt": "x", "image_url": URL, field: value}
+    message = refused(job_input)
+    assert message.startswith(f"Input field '{field}'") and FIELD_RULES[field] in message
+
+
+def test_bad_list_item_is_located():
+    assert "'images' item 1" in refused({"prompt": "x", "images": ["aGk=", 7]})
+
+
+@pytest.mark.parametrize("count", [0, 4])
+def test_image_count_must_be_within_the_limit(count):
+    job_input = {"prompt": "x"}
+    if count:
+        job_input["images"] = ["aGk="] * count
+    assert f"from 1 to 3; got {count}" in refused(job_input)
+
+
+def test_the_limit_counts_every_image_field_together():
+    assert "got 4" in refused({"prompt": "x", "image_url": URL, "image_base64": "aGk=", "images": ["aGk=", "aGk="]})
