@@ -1,0 +1,186 @@
+"""The batcher with a fake engine: grouping, limits, fairness, isolation, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import pytest
+
+from batching import Batcher, BatcherClosed
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    key: str = "a"
+    fail: bool = False
+
+
+class FakeOOM(RuntimeError):
+    pass
+
+
+class FakeEngine:
+    """Records each batch; can hold the GPU thread at a gate; fails where told."""
+
+    def __init__(self, oom_above: int | None = None):
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self.oom_above = oom_above
+
+    def __call__(self, jobs):
+        self.started.set()
+        self.gate.wait(10)
+        self.batches.append([j.name for j in jobs])
+        if self.oom_above is not None and len(jobs) > self.oom_above:
+            raise FakeOOM("out of memory")
+        if any(j.fail for j in jobs):
+            raise ValueError("bad job in batch")
+        return [f"done:{j.name}:{len(jobs)}" for j in jobs]
+
+
+def make(engine, max_batch_size=4, max_wait_s=10.0):
+    return Batcher(engine, key=lambda j: j.key, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
+                   is_out_of_memory=lambda e: isinstance(e, FakeOOM))  # fmt: skip
+
+
+async def hold_gpu(batcher, engine) -> asyncio.Future:
+    """Occupy the GPU thread with one job so that what follows queues behind it."""
+    engine.gate.clear()
+    blocker = batcher.submit(Job("blocker", key="blocker"))
+    await asyncio.to_thread(engine.started.wait, 5)
+    return blocker
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_a_full_batch_leaves_at_once_without_waiting():
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=3, max_wait_s=60)
+
+    async def scenario():
+        return await asyncio.gather(*(batcher.submit(Job(f"j{i}")) for i in range(3)))
+
+    assert run(scenario()) == ["done:j0:3", "done:j1:3", "done:j2:3"]
+    assert engine.batches == [["j0", "j1", "j2"]]
+
+
+def test_a_lone_request_leaves_after_max_wait():
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=8, max_wait_s=0.2)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        result = await batcher.submit(Job("alone"))
+        return result, loop.time() - start
+
+    result, waited = run(scenario())
+    assert result == "done:alone:1"
+    assert 0.15 <= waited < 2
+
+
+def test_batches_never_exceed_max_size_and_sizes_count_images():
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=4, max_wait_s=0.05)
+
+    async def scenario():
+        blocker = await hold_gpu(batcher, engine)
+        futures = [batcher.submit(Job(n), size=s) for n, s in [("a", 2), ("b", 1), ("c", 2), ("d", 1), ("e", 4)]]
+        engine.gate.set()
+        await blocker
+        return await asyncio.gather(*futures)
+
+    run(scenario())
+    assert engine.batches[1:] == [["a", "b"], ["c", "d"], ["e"]]
+
+
+def test_keys_never_mix_and_the_oldest_ready_group_goes_first():
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=2, max_wait_s=0.05)
+
+    async def scenario():
+        blocker = await hold_gpu(batcher, engine)
+        futures = [batcher.submit(Job(n, key=k)) for n, k in [("x1", "x"), ("y1", "y"), ("x2", "x"), ("y2", "y"), ("x3", "x")]]
+        engine.gate.set()
+        await blocker
+        return await asyncio.gather(*futures)
+
+    run(scenario())
+    assert engine.batches[1:] == [["x1", "x2"], ["y1", "y2"], ["x3"]]
+
+
+def test_one_failing_request_fails_alone():
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=3, max_wait_s=60)
+
+    async def scenario():
+        futures = [batcher.submit(Job("good1")), batcher.submit(Job("bad", fail=True)), batcher.submit(Job("good2"))]
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    good1, bad, good2 = run(scenario())
+    assert good1 == "done:good1:1" and good2 == "done:good2:1"
+    assert isinstance(bad, ValueError)
+    assert engine.batches == [["good1", "bad", "good2"], ["good1"], ["bad"], ["good2"]]
+
+
+def test_out_of_memory_splits_the_batch_in_halves():
+    engine = FakeEngine(oom_above=1)
+    batcher = make(engine, max_batch_size=4, max_wait_s=60)
+
+    async def scenario():
+        return await asyncio.gather(*(batcher.submit(Job(f"j{i}")) for i in range(4)))
+
+    assert run(scenario()) == ["done:j0:1", "done:j1:1", "done:j2:1", "done:j3:1"]
+    assert engine.batches == [["j0", "j1", "j2", "j3"], ["j0", "j1"], ["j0"], ["j1"], ["j2", "j3"], ["j2"], ["j3"]]
+
+
+def test_a_request_cancelled_while_queued_never_reaches_the_gpu():
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=4, max_wait_s=0.05)
+
+    async def scenario():
+        blocker = await hold_gpu(batcher, engine)
+        keep, drop = batcher.submit(Job("keep")), batcher.submit(Job("drop"))
+        drop.cancel()
+        engine.gate.set()
+        await blocker
+        return await keep
+
+    assert run(scenario()) == "done:keep:1"
+    assert engine.batches == [["blocker"], ["keep"]]
+
+
+def test_cancelling_one_member_of_a_running_batch_leaves_the_others_intact():
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=2, max_wait_s=60)
+
+    async def scenario():
+        engine.gate.clear()
+        first, second = batcher.submit(Job("first")), batcher.submit(Job("second"))
+        await asyncio.to_thread(engine.started.wait, 5)
+        first.cancel()
+        engine.gate.set()
+        return await second, first.cancelled()
+
+    assert run(scenario()) == ("done:second:2", True)
+
+
+def test_close_drains_what_is_queued_then_refuses_new_requests():
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=4, max_wait_s=60)
+
+    async def scenario():
+        futures = [batcher.submit(Job(f"j{i}")) for i in range(2)]
+        await asyncio.to_thread(batcher.close, 10)
+        with pytest.raises(BatcherClosed):
+            batcher.submit(Job("late"))
+        return await asyncio.gather(*futures)
+
+    assert run(scenario()) == ["done:j0:2", "done:j1:2"]

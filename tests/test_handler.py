@@ -1,0 +1,134 @@
+"""The worker as users run it: `handler.py --test_input`, `test_input.json`, `--rp_serve_api`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from config import Settings
+from service import EditService
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = base64.b64encode((ROOT / "assets" / "sample.png").read_bytes()).decode()
+HAT = base64.b64encode((ROOT / "assets" / "sample_hat.png").read_bytes()).decode()
+
+
+def worker_env(tiny_env, **extra) -> dict[str, str]:
+    return {**os.environ, **tiny_env(**extra), "PYTHONUNBUFFERED": "1"}
+
+
+def run_handler(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "handler.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+
+def decoded(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_test_input_with_two_images_returns_an_image_and_echoes_the_seed(tiny_env, tmp_path):
+    job = {"input": {"prompt": "put the hat on the hill", "image_base64": SAMPLE, "images": [HAT], "seed": 1234,
+                     "num_inference_steps": 2, "width": 64, "height": 64}}  # fmt: skip
+    done = run_handler(["--test_input", json.dumps(job)], worker_env(tiny_env, SAVE_OUTPUT_DIR=str(tmp_path)))
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "'seed': 1234" in log and "'batch_size': 1" in log and "'lightning_enabled': False" in log
+    saved = tmp_path / "local_test-0.png"
+    assert Image.open(saved).size == (64, 64)
+
+
+def test_bundled_test_input_json_runs_with_lightning(tiny_env, tmp_path):
+    done = run_handler([], worker_env(tiny_env, USE_LIGHTNING_LORA="true", SAVE_OUTPUT_DIR=str(tmp_path)))
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "Using test_input.json as job input." in log
+    assert "'seed': 42" in log and "'lightning_enabled': True" in log
+    assert (tmp_path / "local_test-0.png").exists()
+
+
+def test_bad_input_fails_the_local_job_with_the_sentence(tiny_env):
+    done = run_handler(["--test_input", json.dumps({"input": {"promt": "x"}})], worker_env(tiny_env))
+    assert done.returncode == 1
+    assert "Unknown input field 'promt'" in done.stdout + done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rp_serve_api_answers_runsync(tiny_env):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port)],
+        cwd=ROOT, env=worker_env(tiny_env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        job = {"input": {"prompt": "x", "image_base64": SAMPLE, "seed": 7, "num_inference_steps": 1, "output_format": "jpeg"}}
+        body = None
+        deadline = time.monotonic() + 180
+        while body is None and time.monotonic() < deadline:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/runsync", data=json.dumps(job).encode(),
+                                                 headers={"Content-Type": "application/json"})  # fmt: skip
+                body = json.loads(urllib.request.urlopen(request, timeout=60).read())
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, "the local API never answered"
+        output = body["output"]
+        assert output["seed"] == 7 and output["output_format"] == "jpeg"
+        assert decoded(output["output_image_base64"]).format == "JPEG"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_service_answers_every_documented_field(tiny_settings, base_holder):
+    async def scenario():
+        service = EditService(tiny_settings, holder=base_holder)
+        job = {"id": "j1", "input": {"prompt": "x", "images": [SAMPLE, HAT], "num_images": 2, "seed": 3,
+                                      "num_inference_steps": 2, "width": 96, "height": 64, "output_format": "webp"}}  # fmt: skip
+        good = await service.handle(job)
+        bad = await service.handle({"id": "j2", "input": {"prompt": "x", "image_base64": "!!"}})
+        service.batcher.close(5)
+        return good, bad
+
+    good, bad = asyncio.run(scenario())
+    assert bad == {"error": "Input image 1 is neither an http(s) URL nor valid base64."}
+    assert set(good) == {
+        "output_image_base64", "images", "output_format", "seed", "prompt", "num_inference_steps", "true_cfg_scale",
+        "lightning_enabled", "width", "height", "precision", "batch_size", "timings_ms",
+    }  # fmt: skip
+    assert len(good["images"]) == 2 and good["images"][0] == good["output_image_base64"]
+    assert good["images"][0] != good["images"][1]
+    assert decoded(good["images"][1]).size == (96, 64)
+    assert (good["seed"], good["num_inference_steps"], good["true_cfg_scale"]) == (3, 2, 4.0)
+    assert (good["precision"], good["batch_size"], good["lightning_enabled"]) == ("fp32", 1, False)
+    assert {"fetch", "encode", "denoise", "decode", "total"} <= set(good["timings_ms"])
+
+
+def test_handler_module_is_an_async_runpod_entry(tiny_env, monkeypatch):
+    for name, value in tiny_env(MAX_CONCURRENCY="6").items():
+        monkeypatch.setenv(name, value)
+    sys.modules.pop("handler", None)
+    import handler
+
+    try:
+        assert inspect.iscoroutinefunction(handler.handler)
+        assert handler.concurrency_modifier(1) == handler.concurrency_modifier(3) == 6
+        assert handler.SETTINGS == Settings.from_env(tiny_env(MAX_CONCURRENCY="6"))
+    finally:
+        sys.modules.pop("handler", None)

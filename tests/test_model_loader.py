@@ -1,0 +1,112 @@
+"""Loading the tiny model through the production paths: caches, Lightning, options."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import threading
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+
+import model_loader
+from config import Settings
+from model_loader import LIGHTNING_SCHEDULER_CONFIG, ModelHolder, load_model
+
+
+def test_tiny_model_loads_through_from_pretrained(base_holder):
+    model = base_holder.get()
+    assert isinstance(model.pipe, QwenImageEditPlusPipeline)
+    assert (model.device.type, model.dtype, model.precision, model.offload) == ("cpu", torch.float32, "fp32", "none")
+    assert model.lightning is False
+    assert type(model.pipe.transformer).__name__ == "QwenImageTransformer2DModel"
+    assert type(model.pipe.text_encoder).__name__ == "Qwen2_5_VLForConditionalGeneration"
+
+
+def test_lightning_lora_is_loaded_fused_and_its_scheduler_used(tiny_env, base_holder):
+    lightning = load_model(Settings.from_env(tiny_env(USE_LIGHTNING_LORA="true")))
+    assert lightning.lightning is True
+    assert isinstance(lightning.pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    for name, value in LIGHTNING_SCHEDULER_CONFIG.items():
+        assert lightning.pipe.scheduler.config[name] == value
+    # Fused: no adapter remains, and the base weights have moved.
+    assert lightning.pipe.get_list_adapters() == {}
+    name = "transformer_blocks.0.attn.to_q.weight"
+    fused = dict(lightning.pipe.transformer.named_parameters())[name]
+    base = dict(base_holder.get().pipe.transformer.named_parameters())[name]
+    assert not torch.equal(fused, base)
+
+
+def test_holder_loads_once_for_concurrent_callers(tiny_settings, monkeypatch):
+    calls = []
+    real = model_loader.load_model
+
+    def counting(settings):
+        calls.append(1)
+        return real(settings)
+
+    monkeypatch.setattr(model_loader, "load_model", counting)
+    holder = ModelHolder(tiny_settings)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(holder.get())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len({id(m) for m in got}) == 1
+
+
+def test_a_failed_load_is_remembered_and_reported(tmp_path):
+    settings = Settings.from_env({"MODEL_ID": "tiny-random", "MODEL_DIR": str(tmp_path), "PRECISION_MODE": "4bit"})
+    holder = ModelHolder(settings)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        holder.get()
+    with pytest.raises(RuntimeError, match="the model failed to load: PRECISION_MODE=4bit needs a CUDA GPU"):
+        holder.get()
+
+
+def test_vae_options_and_offload_on_cpu(tiny_env):
+    model = load_model(Settings.from_env(tiny_env(VAE_TILING="true", VAE_SLICING="true", CPU_OFFLOAD="model")))
+    assert model.pipe.vae.use_tiling and model.pipe.vae.use_slicing
+    assert model.offload == "none"  # there is no GPU to offload from
+
+
+def _as_hub_cache(pipeline_dir, cache_root, repo_id: str, revision: str = "0" * 40):
+    """Lay a saved pipeline out as huggingface_hub's cache does (models--org--name/snapshots/rev)."""
+    repo_dir = cache_root / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(pipeline_dir, repo_dir / "snapshots" / revision)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(revision)
+
+
+def test_weights_are_found_in_runpods_model_cache_without_downloading(tmp_path, tiny_settings, base_holder):
+    from tiny_model import ensure_tiny_model
+
+    runpod_cache = tmp_path / "runpod-cache"
+    _as_hub_cache(ensure_tiny_model(tiny_settings.model_dir) / "pipeline", runpod_cache, "acme/edit-model")
+    settings = dataclasses.replace(
+        Settings.from_env({"MODEL_ID": "acme/edit-model", "MODEL_DIR": str(tmp_path / "empty"), "USE_LIGHTNING_LORA": "false"}),
+        hf_cache_dirs=(str(runpod_cache),),
+    )
+    path = model_loader.resolve_model_path(settings)
+    assert path.startswith(str(runpod_cache))
+    model = load_model(settings)
+    assert isinstance(model.pipe, QwenImageEditPlusPipeline)
+
+
+def test_lora_is_found_in_model_dir_before_any_download(tmp_path, tiny_settings):
+    from tiny_model import ensure_tiny_model
+
+    cache = tmp_path / "model-dir"
+    repo_dir = cache / "models--acme--lightning"
+    weight = "Qwen-Image-Edit-2509/lora-8steps.safetensors"
+    target = repo_dir / "snapshots" / ("1" * 40) / weight
+    target.parent.mkdir(parents=True)
+    shutil.copy(ensure_tiny_model(tiny_settings.model_dir) / "lightning-lora.safetensors", target)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text("1" * 40)
+    settings = Settings.from_env(
+        {"MODEL_DIR": str(cache), "LIGHTNING_REPO": "acme/lightning", "LIGHTNING_WEIGHT_NAME": weight}
+    )
+    assert model_loader.resolve_lora_path(settings) == str(target)
