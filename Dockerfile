@@ -1,0 +1,25 @@
+# qwen-edit-worker: a RunPod serverless worker for Qwen-Image-Edit-2509.
+# No weights are baked in: the model is downloaded (or found in RunPod's model cache)
+# at run time into MODEL_DIR. torch from PyPI is a CUDA 13.0 build, so hosts need an
+# NVIDIA driver of 580 or newer.
+FROM nvidia/cuda:13.0.0-base-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install -r requirements.txt
+
+COPY config.py schema.py images.py model_loader.py tiny_model.py engine.py batching.py service.py handler.py test_input.json ./
+COPY assets ./assets
+
+CMD ["python", "-u", "handler.py"]
