@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,8 @@ def quantization_config(settings: Settings, dtype: torch.dtype, cpu_offload_int8
         common = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     else:
         common = dict(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=cpu_offload_int8)
+        # LLM.int8 computes in fp16 by design; bitsandbytes says so on every matmul otherwise.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     return PipelineQuantizationConfig(
         quant_mapping={
             "transformer": DiffusersBnb(**common, llm_int8_skip_modules=NF4_SKIP_MODULES),

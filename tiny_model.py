@@ -92,12 +92,18 @@ def build_tiny_pipeline():
         "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
         "rope_theta": 1000000.0,
         "vocab_size": len(tokenizer),
+        "bos_token_id": None,
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
     }
     config = Qwen2_5_VLConfig(
         text_config=text_config,
         vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
         hidden_size=16,
         vocab_size=len(tokenizer),
+        bos_token_id=None,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],

@@ -1,0 +1,65 @@
+"""Shipping files that cannot be run here (no Docker engine) are checked by reading them."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from config import variable_names
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED_PACKAGES = {"torch", "torchvision", "diffusers", "transformers", "accelerate", "peft", "bitsandbytes",
+                     "runpod", "pillow", "huggingface_hub", "pydantic"}  # fmt: skip
+
+
+def requirement_lines(name: str) -> list[str]:
+    lines = (ROOT / name).read_text().splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+
+
+def test_requirements_are_pinned_and_complete():
+    lines = requirement_lines("requirements.txt")
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][0-9A-Za-z.+\-]*", line) for line in lines), lines
+    assert REQUIRED_PACKAGES <= {line.split("==")[0].lower() for line in lines}
+    assert all("==" in line for line in requirement_lines("requirements-dev.txt"))
+
+
+def test_dockerfile_installs_requirements_and_runs_the_handler():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:\S+$", text, re.M)
+    assert re.search(r"^COPY requirements\.txt", text, re.M) and "pip install -r requirements.txt" in text
+    assert re.search(r'^CMD \["python", "-u", "handler.py"\]$', text, re.M)
+    copied = re.search(r"^COPY (config\.py .*) \./$", text, re.M).group(1).split()
+    modules = sorted(p.name for p in ROOT.glob("*.py"))
+    assert sorted(c for c in copied if c.endswith(".py")) == modules  # every module ships
+    for downloader in ("snapshot_download", "hf_hub_download", "huggingface-cli", "hf download"):
+        assert downloader not in text  # no weights in the image
+
+
+def test_build_script_targets_amd64_and_takes_image_and_tag():
+    text = (ROOT / "build.sh").read_text()
+    assert "--platform linux/amd64" in text
+    assert 'image="$1"' in text and 'tag="${2:-latest}"' in text
+
+
+def test_runpod_manifests_use_exactly_configs_variable_names():
+    names = set(variable_names())
+    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+    hub_keys = {entry["key"] for entry in hub["config"]["env"]}
+    assert hub_keys <= names
+    assert {"MODEL_ID", "PRECISION_MODE", "USE_LIGHTNING_LORA", "LIGHTNING_STEPS", "CPU_OFFLOAD", "MAX_BATCH_SIZE"} <= hub_keys
+    tests = json.loads((ROOT / ".runpod" / "tests.json").read_text())
+    assert {entry["key"] for entry in tests["config"]["env"]} <= names
+    assert tests["tests"] and all("prompt" in t["input"] for t in tests["tests"])
+
+
+def test_readme_documents_every_variable_and_the_test_command():
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in variable_names() if f"`{name}`" not in readme]
+    assert missing == []
+    assert "make test" in readme and "make demo" in readme
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
