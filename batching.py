@@ -5,10 +5,17 @@ Semantics (the contract the handler and the tests rely on):
 - `submit(request, size)` returns an awaitable for that request's own result or error.
   `size` is how many GPU batch slots the request fills (its number of output images).
 - Requests are grouped by `key(request)`; only requests with equal keys share a batch.
-- A group is *ready* when its slots reach `max_batch_size` or its oldest request has
+- A group is *ready* when its slots reach its target size or its oldest request has
   waited `max_wait_s`. Of the ready groups, the one whose oldest request arrived first
   runs next, so no key starves. A batch takes requests of its key in arrival order while
   they fit; a single request larger than `max_batch_size` runs alone.
+- The target size is `max_batch_size` unless measurement says otherwise (`adaptive`):
+  `CostModel` keeps, per key and batch size, the measured time per image of batches that
+  several requests shared (their text is padded and masked, which costs) and of single
+  requests. A shared batch of n slots is neither formed nor waited for once it has
+  measured slower per image than a smaller batch or a request alone; so batching never
+  makes a key slower than running its requests one at a time. A banned size is tried
+  again after `reprobe_after` batches of its key, in case the costs have changed.
 - All batches run on one thread, one at a time; the event loop never waits on them.
 - A batch that raises is retried one request at a time, so only the guilty request gets
   the error; a batch that runs out of GPU memory is split in halves and retried.
@@ -37,6 +44,50 @@ class BatcherClosed(RuntimeError):
     """The batcher is shutting down and takes no new requests."""
 
 
+class CostModel:
+    """Measured seconds per image, per (key, batch slots, shared by several requests).
+
+    `smoothing` is the weight of the newest measurement in an exponential moving average.
+    """
+
+    def __init__(self, smoothing: float = 0.3, reprobe_after: int = 200):
+        self.smoothing = smoothing
+        self.reprobe_after = reprobe_after
+        self._cost: dict[Hashable, dict[tuple[int, bool], float]] = {}
+        self._measured_at: dict[tuple[Hashable, int], int] = {}
+        self._batches: dict[Hashable, int] = {}
+
+    def record(self, key: Hashable, slots: int, shared: bool, seconds: float) -> None:
+        per_image = seconds / slots
+        table = self._cost.setdefault(key, {})
+        old = table.get((slots, shared))
+        table[(slots, shared)] = per_image if old is None else old + self.smoothing * (per_image - old)
+        self._batches[key] = self._batches.get(key, 0) + 1
+        if shared:
+            self._measured_at[(key, slots)] = self._batches[key]
+
+    def per_image(self, key: Hashable, slots: int, shared: bool) -> float | None:
+        return self._cost.get(key, {}).get((slots, shared))
+
+    def allows(self, key: Hashable, slots: int) -> bool:
+        """May several requests share a batch of `slots` images?"""
+        mine = self.per_image(key, slots, shared=True)
+        if slots <= 1 or mine is None:
+            return True
+        if self._batches.get(key, 0) - self._measured_at.get((key, slots), 0) >= self.reprobe_after:
+            return True  # measured long ago: try again
+        rivals = [
+            cost
+            for (n, shared), cost in self._cost[key].items()
+            if n < slots or (not shared and n <= slots)
+        ]
+        return not rivals or mine <= min(rivals)
+
+    def target(self, key: Hashable, limit: int) -> int:
+        """The largest shared batch worth waiting for (1 when batching measured slower)."""
+        return next((n for n in range(limit, 1, -1) if self.allows(key, n)), 1)
+
+
 @dataclass
 class _Item(Generic[Req]):
     request: Req
@@ -60,6 +111,7 @@ class Batcher(Generic[Req, Res]):
         max_wait_s: float,
         is_out_of_memory: Callable[[BaseException], bool] = lambda error: False,
         on_start: Callable[[], Any] | None = None,
+        adaptive: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ):
         if max_batch_size < 1 or max_wait_s < 0:
@@ -71,6 +123,7 @@ class Batcher(Generic[Req, Res]):
         self._is_oom = is_out_of_memory
         self._on_start = on_start
         self._clock = clock
+        self.costs: CostModel | None = CostModel() if adaptive else None
         self._pending: list[_Item] = []
         self._cond = threading.Condition()
         self._closing = False
@@ -138,33 +191,45 @@ class Batcher(Generic[Req, Res]):
             groups.setdefault(item.key, []).append(item)
         soonest = float("inf")
         for members in sorted(groups.values(), key=lambda g: g[0].arrived):
-            batch = self._fill(members)
+            target = self._target(members[0].key)
+            batch = self._fill(members, target)
             deadline = members[0].arrived + self.max_wait_s
-            if self._closing or sum(i.size for i in batch) >= self.max_batch_size or now >= deadline:
+            if self._closing or sum(i.size for i in batch) >= target or now >= deadline:
                 return batch, 0.0
             soonest = min(soonest, deadline - now)
         return [], soonest
 
-    def _fill(self, members: list[_Item]) -> list[_Item]:
+    def _target(self, key: Hashable) -> int:
+        return self.costs.target(key, self.max_batch_size) if self.costs else self.max_batch_size
+
+    def _fill(self, members: list[_Item], target: int) -> list[_Item]:
         batch, used = [], 0
         for item in members:
-            if batch and used + item.size > self.max_batch_size:
+            if batch and used + item.size > target:
                 break
             batch.append(item)
             used += item.size
+        # Never form a shared batch whose size measured slower than smaller ones.
+        while len(batch) > 1 and self.costs and not self.costs.allows(batch[0].key, used):
+            used -= batch.pop().size
         return batch
 
     def _run(self, batch: list[_Item]) -> None:
         live = [item for item in batch if not item.cancelled]
         if not live:
             return
+        slots = sum(item.size for item in live)
         try:
             start = time.perf_counter()
             results = self._run_batch([item.request for item in live])
-            log.info("batch of %d (key %s) ran in %.0f ms", len(live), live[0].key, (time.perf_counter() - start) * 1000)
+            elapsed = time.perf_counter() - start
         except Exception as error:
             self._recover(live, error)
             return
+        if self.costs is not None:
+            self.costs.record(live[0].key, slots, len(live) > 1, elapsed)
+        log.info("batch of %d requests (%d images, key %s) ran in %.0f ms (%.0f ms per image)",
+                 len(live), slots, live[0].key, elapsed * 1000, elapsed * 1000 / slots)  # fmt: skip
         for item, result in zip(live, results, strict=True):
             _resolve(item, result=result)
 

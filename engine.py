@@ -130,7 +130,7 @@ class EditEngine:
         timings["encode"] = _ms_since(start)
 
         start = time.perf_counter()
-        latents = self._denoise(pipe, requests, encoded, plan)
+        latents, masked = self._denoise(pipe, requests, encoded, plan)
         timings["denoise"] = _ms_since(start)
 
         start = time.perf_counter()
@@ -138,6 +138,9 @@ class EditEngine:
         pipe.maybe_free_model_hooks()
         timings["decode"] = _ms_since(start)
 
+        log.info("batch: %d requests, %d images at %dx%d, %d steps, cfg %s, text mask %s: %s ms",
+                 len(requests), sum(r.num_images for r in requests), plan.width, plan.height,
+                 requests[0].num_inference_steps, requests[0].do_cfg, masked, timings)  # fmt: skip
         results, offset = [], 0
         for request in requests:
             images = list(pixels[offset : offset + request.num_images])
@@ -172,7 +175,8 @@ class EditEngine:
             image_latents = latents_k if k == 0 else image_latents
         return {"embeds": embeds, "negative": negative, "noise": noise, "image_latents": image_latents}
 
-    def _denoise(self, pipe, requests, encoded, plan: _Plan) -> torch.Tensor:
+    def _denoise(self, pipe, requests, encoded, plan: _Plan) -> tuple[torch.Tensor, bool]:
+        """The denoised latents, and whether the text had to be padded and masked."""
         device = pipe._execution_device
         repeats = [r.num_images for r in requests]
         latents = torch.cat([n for e in encoded for n in e["noise"]])
@@ -228,7 +232,7 @@ class EditEngine:
             for request in requests:
                 if request.progress is not None:
                     request.progress(i + 1, len(timesteps))
-        return latents
+        return latents, mask is not None or (do_cfg and negative_mask is not None)
 
     def _decode(self, pipe, latents: torch.Tensor, plan: _Plan) -> np.ndarray:
         vae = pipe.vae

@@ -47,4 +47,8 @@ def concurrency_modifier(current_concurrency: int) -> int:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _get_service()  # starts loading the model while the worker connects to RunPod
+    # On SIGTERM RunPod's JobScaler stops taking jobs and waits for the ones it holds;
+    # then start() returns and the batcher finishes anything left before the exit (code 0).
     runpod.serverless.start({"handler": handler, "concurrency_modifier": concurrency_modifier})
+    _get_service().close()
+    log.info("worker stopped cleanly")

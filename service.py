@@ -46,6 +46,10 @@ class EditService:
             on_start=self.holder.get,  # load the model as the worker starts, not on the first job
         )
 
+    def close(self) -> None:
+        """Take no new jobs; finish what is queued and running."""
+        self.batcher.close()
+
     def _run_batch(self, requests: list[EditRequest]) -> list[EditResult]:
         try:
             return self.engine.run_batch(requests)

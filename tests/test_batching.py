@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass
 
 import pytest
 
-from batching import Batcher, BatcherClosed
+from batching import Batcher, BatcherClosed, CostModel
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class FakeEngine:
 
 
 def make(engine, max_batch_size=4, max_wait_s=10.0):
-    return Batcher(engine, key=lambda j: j.key, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
+    return Batcher(engine, key=lambda j: j.key, max_batch_size=max_batch_size, max_wait_s=max_wait_s, adaptive=False,
                    is_out_of_memory=lambda e: isinstance(e, FakeOOM))  # fmt: skip
 
 
@@ -184,3 +185,71 @@ def test_close_drains_what_is_queued_then_refuses_new_requests():
         return await asyncio.gather(*futures)
 
     assert run(scenario()) == ["done:j0:2", "done:j1:2"]
+
+
+class TimedEngine:
+    """Sleeps like a GPU would: `solo_s` per image alone, `shared_s` per image in a shared batch."""
+
+    def __init__(self, solo_s: float, shared_s: float):
+        self.solo_s, self.shared_s = solo_s, shared_s
+        self.batches: list[list[str]] = []
+
+    def __call__(self, jobs):
+        self.batches.append([j.name for j in jobs])
+        time.sleep(len(jobs) * (self.shared_s if len(jobs) > 1 else self.solo_s))
+        return [j.name for j in jobs]
+
+
+def adaptive(engine, max_wait_s):
+    return Batcher(engine, key=lambda j: j.key, max_batch_size=2, max_wait_s=max_wait_s)
+
+
+async def submit_together(batcher, *names):
+    return await asyncio.gather(*(batcher.submit(Job(n)) for n in names))
+
+
+def test_batches_that_measure_slower_per_image_are_no_longer_formed_or_waited_for():
+    engine = TimedEngine(solo_s=0.01, shared_s=0.05)
+    batcher = adaptive(engine, max_wait_s=0.2)
+
+    async def scenario():
+        await submit_together(batcher, "warm")  # measures a request alone (after waiting 0.2 s)
+        await submit_together(batcher, "p1", "p2")  # a shared pair: measured slower per image
+        assert batcher.costs.target("a", 2) == 1
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await submit_together(batcher, "q1", "q2")
+        return loop.time() - start
+
+    took = run(scenario())
+    assert engine.batches == [["warm"], ["p1", "p2"], ["q1"], ["q2"]]
+    assert took < 0.15  # nobody waited for a partner that would only slow things down
+
+
+def test_batches_that_measure_faster_keep_being_formed():
+    engine = TimedEngine(solo_s=0.02, shared_s=0.005)
+    batcher = adaptive(engine, max_wait_s=0.2)
+
+    async def scenario():
+        await submit_together(batcher, "warm")
+        for i in range(3):
+            await submit_together(batcher, f"a{i}", f"b{i}")
+
+    run(scenario())
+    assert engine.batches == [["warm"], ["a0", "b0"], ["a1", "b1"], ["a2", "b2"]]
+
+
+def test_cost_model_compares_shared_batches_with_smaller_ones_and_reprobes():
+    costs = CostModel(smoothing=0.5, reprobe_after=3)
+    costs.record("k", 1, shared=False, seconds=1.0)
+    costs.record("k", 2, shared=True, seconds=1.0)  # 0.5 s per image: better than alone
+    assert costs.allows("k", 2) and costs.target("k", 4) == 4  # 3 and 4 not measured yet
+    costs.record("k", 4, shared=True, seconds=4.0)  # 1.0 per image: worse than pairs
+    assert not costs.allows("k", 4) and costs.target("k", 4) == 3
+    costs.record("k", 2, shared=False, seconds=0.2)  # one request of two images, unmasked: 0.1
+    assert not costs.allows("k", 2)  # a shared (masked) pair is slower than that
+    assert costs.per_image("k", 2, shared=True) == 0.5
+    for _ in range(3):
+        costs.record("k", 1, shared=False, seconds=1.0)
+    assert costs.allows("k", 4)  # measured 4 batches ago, with reprobe_after=3: try again
+    assert costs.allows("other-key", 4)

@@ -1,0 +1,128 @@
+"""The deployed worker loop end to end: `python handler.py` with RunPod's JobScaler,
+talking to a loopback stand-in for RunPod's job queue."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.runpod_standin import RunPodStandIn
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = base64.b64encode((ROOT / "assets" / "sample.png").read_bytes()).decode()
+HAT = base64.b64encode((ROOT / "assets" / "sample_hat.png").read_bytes()).decode()
+PROMPTS = ["make the sky pink", "add snow on the mountain", "turn it into a watercolor painting of a quiet valley",
+           "a hat", "make the sun larger and much brighter", "night time"]  # fmt: skip
+
+
+@pytest.fixture
+def standin():
+    server = RunPodStandIn()
+    yield server
+    server.close()
+
+
+def good_job(i: int, seed: int | None = None, width: int = 64) -> dict:
+    return {"id": f"good-{i}", "input": {"prompt": PROMPTS[i % len(PROMPTS)], "images": [SAMPLE, HAT], "width": width,
+            "height": 64, "seed": 1000 + i if seed is None else seed, "num_inference_steps": 4}}  # fmt: skip
+
+
+def start_worker(standin: RunPodStandIn, tiny_env, log_path: Path, **extra: str) -> subprocess.Popen:
+    env = {**os.environ, **tiny_env(**extra), **standin.env(), "PYTHONUNBUFFERED": "1"}
+    # The log goes to a file: RunPod's debug log is large, and an unread pipe would stall the worker.
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "handler.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_worker(proc: subprocess.Popen, log_path: Path, timeout: float = 60) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("the worker did not exit after SIGTERM:\n" + log_path.read_text()[-4000:])
+    return proc.returncode, log_path.read_text()
+
+
+def pixels(result: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(result["output"]["output_image_base64"])))).astype(int)
+
+
+def test_concurrent_jobs_share_gpu_batches_each_answered_once(standin, tiny_env, tmp_path):
+    originals = [good_job(i, width=64 if i % 2 else 96) for i in range(16)]
+    # The same input and seed again, queued last, so that they run in other batches.
+    repeats = [dict(originals[i], id=f"repeat-{i}") for i in (0, 1, 2, 3)]
+    bad = [
+        {"id": "bad-field", "input": {"promt": "typo", "images": [SAMPLE]}},
+        {"id": "bad-base64", "input": {"prompt": "x", "image_base64": "%%%"}},
+        {"id": "bad-steps", "input": {"prompt": "x", "images": [SAMPLE], "num_inference_steps": 0}},
+        {"id": "bad-input", "input": "just a string"},
+    ]
+    jobs = originals[:8] + bad[:2] + originals[8:] + bad[2:] + repeats
+    standin.add_jobs(jobs)
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(standin, tiny_env, log_path, MAX_BATCH_SIZE="4", MAX_CONCURRENCY="8", BATCH_WAIT_MS="300")
+    try:
+        finished = standin.wait_for_results(len(jobs), timeout=240)
+        time.sleep(1.0)  # any second answer would arrive now
+    finally:
+        code, output = stop_worker(proc, log_path)
+    assert finished, f"only {len(standin.results)} of {len(jobs)} answered:\n{output[-4000:]}"
+    assert code == 0, output[-4000:]
+
+    # Every job answered exactly once.
+    assert sorted(standin.results) == sorted(job["id"] for job in jobs)
+    assert all(len(answers) == 1 for answers in standin.results.values())
+    results = {job_id: answers[0] for job_id, answers in standin.results.items()}
+
+    # Bad jobs fail alone, each with its sentence; every good job has an image.
+    assert results["bad-field"]["error"].startswith("Unknown input field 'promt'")
+    assert "valid base64" in results["bad-base64"]["error"]
+    assert "'num_inference_steps' must be a whole number from 1 to 100" in results["bad-steps"]["error"]
+    assert results["bad-input"]["error"].startswith("'input' must be a JSON object")
+    good = {k: v for k, v in results.items() if not k.startswith("bad")}
+    assert all("error" not in r and r["output"]["output_image_base64"] for r in good.values())
+
+    # Real batching happened, and the response says so.
+    sizes = [r["output"]["batch_size"] for r in good.values()]
+    assert max(sizes) > 1, sizes
+    assert all(1 <= s <= 4 for s in sizes)
+
+    # The same input and seed gives the same pixels whatever batch it ran in (float32
+    # sums in another order may move a value across a rounding boundary: at most 1 level).
+    for i in (0, 1, 2, 3):
+        first, again = results[f"good-{i}"], results[f"repeat-{i}"]
+        assert first["output"]["seed"] == again["output"]["seed"] == 1000 + i
+        difference = np.abs(pixels(first) - pixels(again))
+        assert difference.max() <= 1 and (difference == 0).mean() > 0.99
+
+    # Progress reached RunPod, and the heartbeat ran.
+    assert any(update and update.get("total_steps") == 4 for updates in standin.progress.values() for update in updates)
+    assert standin.pings > 0
+    assert "batch of" in output and "images, key" in output
+
+
+def test_sigterm_finishes_taken_jobs_takes_no_more_and_exits_zero(standin, tiny_env, tmp_path):
+    jobs = [good_job(i) for i in range(24)]
+    standin.add_jobs(jobs)
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(standin, tiny_env, log_path, MAX_BATCH_SIZE="2", MAX_CONCURRENCY="4", BATCH_WAIT_MS="50")
+    assert standin.wait_for_results(1, timeout=180), "no job finished"
+    code, output = stop_worker(proc, log_path)
+    assert code == 0, output[-4000:]
+    with standin.lock:
+        taken, answered, left = list(standin.taken), dict(standin.results), len(standin.queue)
+    assert sorted(answered) == sorted(taken), "a job taken before SIGTERM was not answered"
+    assert all(len(answers) == 1 and "output" in answers[0] for answers in answered.values())
+    assert left == len(jobs) - len(taken) > 0, "the worker should stop taking jobs on SIGTERM"
