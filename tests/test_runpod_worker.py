@@ -126,3 +126,27 @@ def test_sigterm_finishes_taken_jobs_takes_no_more_and_exits_zero(standin, tiny_
     assert sorted(answered) == sorted(taken), "a job taken before SIGTERM was not answered"
     assert all(len(answers) == 1 and "output" in answers[0] for answers in answered.values())
     assert left == len(jobs) - len(taken) > 0, "the worker should stop taking jobs on SIGTERM"
+
+
+def test_a_job_stopped_by_runpod_while_queued_never_reaches_the_gpu(standin, tiny_env, tmp_path):
+    slow = {"id": "slow", "input": {"prompt": "busy", "images": [SAMPLE], "width": 384, "height": 384, "seed": 1,
+                                    "num_inference_steps": 100}}  # fmt: skip
+    victim = dict(good_job(1), id="victim")
+    after = dict(good_job(2), id="after")
+    standin.add_jobs([slow, victim, after])
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(standin, tiny_env, log_path, MAX_BATCH_SIZE="1", MAX_CONCURRENCY="3", BATCH_WAIT_MS="0")
+    try:
+        deadline = time.monotonic() + 120
+        while not ("victim" in standin.taken and standin.progress.get("slow")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        standin.stop("victim")  # RunPod cancels it while the slow job holds the GPU
+        finished = standin.wait_for_results(2, timeout=180)
+        time.sleep(1.5)
+    finally:
+        code, output = stop_worker(proc, log_path)
+    assert finished and code == 0, output[-4000:]
+    assert standin.results["slow"][0]["output"]["timings_ms"]["denoise"] > 2000  # it held the GPU long enough
+    assert sorted(standin.results) == ["after", "slow"]
+    assert "victim" not in standin.progress  # it never ran a denoising step
+    assert "Stopping job." in output
