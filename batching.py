@@ -22,6 +22,10 @@ Semantics (the contract the handler and the tests rely on):
 - A request whose awaitable was cancelled while queued never reaches the GPU; one
   cancelled while its batch runs is simply not answered, the others are.
 - Every submitted request is answered exactly once (result, error, or cancellation).
+- A broken worker fails fast: if `on_start` (model loading) raises, or a batch raises an
+  error that `is_fatal` says leaves the process unusable (a CUDA error), every queued and
+  later request gets that error at once, `failure` holds it, and `on_failure` is called
+  once so the worker can be replaced.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ RunBatch = Callable[[Sequence[Req]], Sequence[Res]]
 
 class BatcherClosed(RuntimeError):
     """The batcher is shutting down and takes no new requests."""
+
+
+class WorkerBroken(RuntimeError):
+    """The model could not load, or the GPU is in a state no request can succeed in."""
 
 
 class CostModel:
@@ -111,6 +119,8 @@ class Batcher(Generic[Req, Res]):
         max_wait_s: float,
         is_out_of_memory: Callable[[BaseException], bool] = lambda error: False,
         on_start: Callable[[], Any] | None = None,
+        is_fatal: Callable[[BaseException], bool] = lambda error: False,
+        on_failure: Callable[[WorkerBroken], Any] | None = None,
         adaptive: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -122,6 +132,9 @@ class Batcher(Generic[Req, Res]):
         self.max_wait_s = max_wait_s
         self._is_oom = is_out_of_memory
         self._on_start = on_start
+        self._is_fatal = is_fatal
+        self._on_failure = on_failure
+        self.failure: WorkerBroken | None = None
         self._clock = clock
         self.costs: CostModel | None = CostModel() if adaptive else None
         self._pending: list[_Item] = []
@@ -136,6 +149,9 @@ class Batcher(Generic[Req, Res]):
         loop = asyncio.get_running_loop()
         item = _Item(request, self._key(request), size, loop.create_future(), loop, self._clock())
         with self._cond:
+            if self.failure is not None:
+                item.future.set_exception(self.failure)
+                return item.future
             if self._closing:
                 raise BatcherClosed("the worker is shutting down and takes no new jobs")
             self._pending.append(item)
@@ -160,13 +176,26 @@ class Batcher(Generic[Req, Res]):
         if self._on_start is not None:
             try:
                 self._on_start()
-            except Exception:
-                log.exception("start-up work failed; requests will get the error when they run")
-        while True:
+            except Exception as error:
+                log.exception("start-up failed")
+                self._fail(WorkerBroken(f"the model failed to load: {type(error).__name__}: {error}"))
+                return
+        while self.failure is None:
             batch = self._next_batch()
             if batch is None:
                 return
             self._run(batch)
+
+    def _fail(self, failure: WorkerBroken, batch: Sequence[_Item] = ()) -> None:
+        """Answer the batch and everything queued with `failure`; refuse all that follows."""
+        with self._cond:
+            self.failure = failure
+            doomed, self._pending = [*batch, *self._pending], []
+        for item in doomed:
+            _resolve(item, error=failure)
+        log.error("worker broken, %d requests answered with the error: %s", len(doomed), failure)
+        if self._on_failure is not None:
+            self._on_failure(failure)
 
     def _next_batch(self) -> list[_Item] | None:
         with self._cond:
@@ -218,13 +247,20 @@ class Batcher(Generic[Req, Res]):
         live = [item for item in batch if not item.cancelled]
         if not live:
             return
+        if self.failure is not None:  # broken during an earlier part of a retry
+            for item in live:
+                _resolve(item, error=self.failure)
+            return
         slots = sum(item.size for item in live)
         try:
             start = time.perf_counter()
             results = self._run_batch([item.request for item in live])
             elapsed = time.perf_counter() - start
         except Exception as error:
-            self._recover(live, error)
+            if self._is_fatal(error):
+                self._fail(WorkerBroken(f"the GPU failed and this worker must be replaced: {error}"), live)
+            else:
+                self._recover(live, error)
             return
         if self.costs is not None:
             self.costs.record(live[0].key, slots, len(live) > 1, elapsed)

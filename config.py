@@ -8,7 +8,7 @@ an exit before the worker takes a job.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 TINY_MODEL_ID = "tiny-random"
@@ -51,10 +51,20 @@ class Settings:
     image_download_timeout_s: float = 15.0
     allow_private_image_urls: bool = False
     save_output_dir: str = ""
+    bucket_endpoint_url: str = ""
+    bucket_access_key_id: str = ""
+    bucket_secret_access_key: str = field(default="", repr=False)
+    bucket_name: str = ""
+    # RunPod drops results over 10 MB from /run (20 MB from /runsync).
+    max_response_bytes: int = 10_000_000
 
     @property
     def is_tiny(self) -> bool:
         return self.model_id == TINY_MODEL_ID
+
+    @property
+    def uploads_to_bucket(self) -> bool:
+        return bool(self.bucket_endpoint_url and self.bucket_access_key_id and self.bucket_secret_access_key)
 
     @property
     def default_steps(self) -> int:
@@ -96,6 +106,12 @@ class Settings:
             image_download_timeout_s=env.number("IMAGE_DOWNLOAD_TIMEOUT_S", cls.image_download_timeout_s, 0.1, 600),
             allow_private_image_urls=env.boolean("ALLOW_PRIVATE_IMAGE_URLS", cls.allow_private_image_urls),
             save_output_dir=env.text("SAVE_OUTPUT_DIR", cls.save_output_dir),
+            # The bucket variables are the ones RunPod's rp_upload documents.
+            bucket_endpoint_url=env.text("BUCKET_ENDPOINT_URL", cls.bucket_endpoint_url),
+            bucket_access_key_id=env.text("BUCKET_ACCESS_KEY_ID", cls.bucket_access_key_id),
+            bucket_secret_access_key=env.text("BUCKET_SECRET_ACCESS_KEY", ""),
+            bucket_name=env.text("BUCKET_NAME", cls.bucket_name),
+            max_response_bytes=env.integer("MAX_RESPONSE_BYTES", cls.max_response_bytes, 100_000, 100_000_000),
         )
 
 

@@ -7,6 +7,8 @@ Run locally with `python handler.py --test_input '{"input": {...}}'` (or a
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 
 import runpod
@@ -30,9 +32,24 @@ def _get_service():
     if _service is None:
         from service import EditService
 
-        # Progress goes to RunPod only when there is a RunPod to send it to.
-        _service = EditService(SETTINGS, progress=None if IS_LOCAL_TEST else runpod.serverless.progress_update)
+        # Progress goes to RunPod, and a broken worker retires, only when deployed on RunPod.
+        deployed = not IS_LOCAL_TEST
+        _service = EditService(
+            SETTINGS,
+            progress=runpod.serverless.progress_update if deployed else None,
+            on_broken=_retire if deployed else None,
+        )
     return _service
+
+
+def _retire(failure: Exception) -> None:
+    """The model failed to load or the GPU broke: stop taking jobs, answer those held, exit 1.
+
+    SIGTERM makes RunPod's JobScaler stop taking jobs and drain the ones it holds (each gets
+    the error with `refresh_worker`, so RunPod replaces this worker); then `start` returns.
+    """
+    log.error("retiring this worker: %s", failure)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def handler(job: dict) -> dict:
@@ -50,5 +67,8 @@ if __name__ == "__main__":
     # On SIGTERM RunPod's JobScaler stops taking jobs and waits for the ones it holds;
     # then start() returns and the batcher finishes anything left before the exit (code 0).
     runpod.serverless.start({"handler": handler, "concurrency_modifier": concurrency_modifier})
-    _get_service().close()
+    service = _get_service()
+    service.close()
+    if service.batcher.failure is not None:
+        sys.exit(f"qwen-edit-worker: stopped because {service.batcher.failure}")
     log.info("worker stopped cleanly")

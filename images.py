@@ -119,13 +119,13 @@ def fetch_url(url: str, n: int, settings: Settings) -> bytes:
 
 
 def _open(url: str, n: int, settings: Settings, deadline: float):
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InputError(f"Input image {n} must be an http or https URL.")
     try:
+        parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise InputError(f"Input image {n} has an invalid port in its URL.") from None
+        raise InputError(f"Input image {n} has a malformed URL.") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputError(f"Input image {n} must be an http or https URL.")
     address = resolve_public_address(parts.hostname, port, n, settings)
     remaining = max(0.01, deadline - time.monotonic())
     timeout = Timeout(connect=remaining, read=remaining)

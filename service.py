@@ -15,8 +15,9 @@ from typing import Any, Callable
 import torch
 
 import images
+import outputs
 import schema
-from batching import Batcher
+from batching import Batcher, BatcherClosed, WorkerBroken
 from config import Settings
 from engine import EditEngine, EditRequest, EditResult
 from model_loader import ModelHolder
@@ -31,8 +32,24 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError)
 
 
+def _leaves_gpu_unusable(error: BaseException) -> bool:
+    """A CUDA error (not out-of-memory) poisons the CUDA context for the whole process."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    if isinstance(error, torch.AcceleratorError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)
+
+
 class EditService:
-    def __init__(self, settings: Settings, progress: ProgressSink | None = None, holder: ModelHolder | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        progress: ProgressSink | None = None,
+        holder: ModelHolder | None = None,
+        on_broken: Callable[[WorkerBroken], None] | None = None,
+    ):
         self.settings = settings
         self.holder = holder or ModelHolder(settings)
         self.engine = EditEngine(settings, self.holder.get)
@@ -43,7 +60,9 @@ class EditService:
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.batch_wait_ms / 1000,
             is_out_of_memory=_is_out_of_memory,
+            is_fatal=_leaves_gpu_unusable,
             on_start=self.holder.get,  # load the model as the worker starts, not on the first job
+            on_failure=on_broken,
         )
 
     def close(self) -> None:
@@ -60,27 +79,28 @@ class EditService:
 
     async def handle(self, job: dict) -> dict:
         started = time.perf_counter()
-        job_input = job.get("input")
         try:
-            params = schema.parse(job_input, self.settings)
+            params = schema.parse(job.get("input"), self.settings)
             pictures = await asyncio.to_thread(images.load_images, params.image_sources(), self.settings)
-        except schema.InputError as error:
-            return {"error": str(error)}
-        fetched = time.perf_counter()
-        request = self.build_request(params, pictures, self._progress_reporter(job))
-        try:
+            fetched = time.perf_counter()
+            request = self.build_request(params, pictures, self._progress_reporter(job))
             result = await self.batcher.submit(request, size=request.num_images)
+            finished = time.perf_counter()
+            response = await asyncio.to_thread(self._respond, job, request, params, result)
+            response["timings_ms"] = {"fetch": _ms(started, fetched), "queue_and_gpu": _ms(fetched, finished),
+                                      **result.timings_ms, "total": _ms(started, time.perf_counter())}  # fmt: skip
+            outputs.check_size(response, self.settings)
+            return response
         except schema.InputError as error:
             return {"error": str(error)}
+        except WorkerBroken as error:
+            # refresh_worker makes RunPod replace this worker once the job is answered.
+            return {"error": f"This worker cannot run jobs ({error}); retry the job.", "refresh_worker": True}
+        except BatcherClosed:
+            return {"error": "This worker is shutting down; retry the job."}
         except Exception as error:  # the GPU side failed for this request alone
             log.exception("job %s failed", job.get("id"))
             return {"error": f"The edit failed: {type(error).__name__}: {error}"}
-        finished = time.perf_counter()
-        encoded = await asyncio.to_thread(self._encode, result, params)
-        self._save_local_copies(job, encoded, params.output_format)
-        timings = {"fetch": _ms(started, fetched), "queue_and_gpu": _ms(fetched, finished), **result.timings_ms}
-        timings["total"] = _ms(started, time.perf_counter())
-        return self._response(request, params, result, encoded, timings)
 
     def build_request(self, params: schema.EditInput, pictures: list, progress=None) -> EditRequest:
         steps = params.num_inference_steps or self.settings.default_steps
@@ -104,29 +124,20 @@ class EditService:
 
         def report(step: int, total: int) -> None:
             if step % PROGRESS_EVERY_STEPS == 0 or step == total:
-                self._progress(job, {"step": step, "total_steps": total, "percent": round(100 * step / total)})
+                try:
+                    self._progress(job, {"step": step, "total_steps": total, "percent": round(100 * step / total)})
+                except Exception:  # progress is best effort; it must never fail a batch
+                    log.warning("progress update for job %s failed", job.get("id"), exc_info=True)
 
         return report
 
-    def _encode(self, result: EditResult, params: schema.EditInput) -> list[bytes]:
-        return [images.encode_image(px, params.output_format, params.output_quality) for px in result.images]
-
-    def _save_local_copies(self, job: dict, encoded: list[bytes], output_format: str) -> None:
-        if not self.settings.save_output_dir:
-            return
-        folder = Path(self.settings.save_output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        for k, data in enumerate(encoded):
-            path = folder / f"{_safe_name(str(job.get('id', 'job')))}-{k}.{output_format}"
-            path.write_bytes(data)
-            log.info("saved output image %s", path)
-
-    def _response(self, request: EditRequest, params, result: EditResult, encoded: list[bytes], timings) -> dict:
+    def _respond(self, job: dict, request: EditRequest, params: schema.EditInput, result: EditResult) -> dict:
+        """Encode, save and deliver the images (CPU and network work, off the event loop)."""
+        encoded = [images.encode_image(px, params.output_format, params.output_quality) for px in result.images]
+        self._save_local_copies(job, encoded, params.output_format)
         model = self.holder.get()
-        as_base64 = [images.to_base64(data) for data in encoded]
         return {
-            "output_image_base64": as_base64[0],
-            "images": as_base64,
+            **outputs.deliver(_safe_name(str(job.get("id", "job"))), encoded, params.output_format, self.settings),
             "output_format": params.output_format,
             "seed": request.seed,
             "prompt": request.prompt,
@@ -137,8 +148,17 @@ class EditService:
             "height": result.height,
             "precision": model.precision,
             "batch_size": result.batch_size,
-            "timings_ms": timings,
         }
+
+    def _save_local_copies(self, job: dict, encoded: list[bytes], output_format: str) -> None:
+        if not self.settings.save_output_dir:
+            return
+        folder = Path(self.settings.save_output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, data in enumerate(encoded):
+            path = folder / f"{_safe_name(str(job.get('id', 'job')))}-{k}.{output_format}"
+            path.write_bytes(data)
+            log.info("saved output image %s", path)
 
 
 def _safe_name(text: str) -> str:

@@ -128,3 +128,139 @@ def test_outputs_are_encoded_in_the_requested_format(fmt, magic):
 )  # fmt: skip
 def test_public_address_classification(address, public):
     assert images.is_public_address(address) is public
+
+
+# ----------------------------------------------------------------- SSRF defences
+# Private ranges are covered by resolving names through a patched resolver: no traffic
+# ever goes to them. Servers listen on loopback addresses only.
+
+
+REAL_GETADDRINFO = images.socket.getaddrinfo
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        images.ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def fake_resolver(monkeypatch, answers) -> list[str]:
+    """Make `socket.getaddrinfo` answer names from `answers` (a dict, or a function of the
+    name); IP literals resolve as usual. Returns the log of names asked."""
+    asked: list[str] = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if is_ip_literal(host):
+            return REAL_GETADDRINFO(host, port, *args, **kwargs)
+        asked.append(host)
+        addresses = answers(host) if callable(answers) else answers.get(host)
+        if not addresses:
+            raise images.socket.gaierror("unknown host")
+        return [(images.socket.AF_INET6 if ":" in a else images.socket.AF_INET, images.socket.SOCK_STREAM, 6, "",
+                 (a, port)) for a in addresses]  # fmt: skip
+
+    monkeypatch.setattr(images.socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+@pytest.fixture
+def no_connections(monkeypatch):
+    """Fail the test if any connection is even set up."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a refused URL must never be fetched")
+
+    monkeypatch.setattr(images, "HTTPConnectionPool", refuse)
+    monkeypatch.setattr(images, "HTTPSConnectionPool", refuse)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.0.0.5", "172.20.1.1", "192.168.0.10", "169.254.169.254", "100.64.1.1", "0.0.0.0",
+     "224.0.0.251", "240.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fd12:3456::1", "ff02::1",
+     "::ffff:10.0.0.1", "::ffff:169.254.169.254", "2002:a00:1::1", "64:ff9b::a00:1"],
+)  # fmt: skip
+def test_names_resolving_to_non_public_addresses_are_refused_unfetched(monkeypatch, no_connections, address):
+    fake_resolver(monkeypatch, {"images.example": [address]})
+    for scheme in ("http", "https"):
+        message = error_of(f"{scheme}://images.example/cat.png", STRICT)
+        assert "private or reserved address" in message and address in message
+
+
+def test_a_name_with_one_private_address_among_public_ones_is_refused(monkeypatch, no_connections):
+    fake_resolver(monkeypatch, {"mixed.example": ["93.184.216.34", "10.1.1.1"]})
+    assert "10.1.1.1" in error_of("http://mixed.example/a.png", STRICT)
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "gopher://x.example/", "ftp://x.example/a.png",
+                                 "http:///nohost.png", "http://[::1", "http://x.example:99999/a.png"])  # fmt: skip
+def test_malformed_and_non_http_urls_are_refused(monkeypatch, no_connections, url):
+    fake_resolver(monkeypatch, {})
+    with pytest.raises(InputError):
+        images.load_images([url], STRICT)
+
+
+@pytest.fixture
+def loopback_is_public_except_127_0_0_2(monkeypatch):
+    """Pretend 127.0.0.1 is a public host and 127.0.0.2 a private one (both are loopback here)."""
+    real = images.is_public_address
+    monkeypatch.setattr(images, "is_public_address", lambda a: a == "127.0.0.1" or (a != "127.0.0.2" and real(a)))
+
+
+def test_every_redirect_hop_is_checked(monkeypatch, loopback_is_public_except_127_0_0_2):
+    public, private = ImageServer("127.0.0.1"), ImageServer("127.0.0.2")
+    try:
+        private.serve_bytes("/secret.png", png_bytes(random_image(4, 4)))
+        public.redirect("/go", f"http://internal.example:{private.port}/secret.png")
+        asked = fake_resolver(monkeypatch, {"cdn.example": ["127.0.0.1"], "internal.example": ["127.0.0.2"]})
+        message = error_of(f"http://cdn.example:{public.port}/go", STRICT)
+        assert "private or reserved address (127.0.0.2)" in message
+        assert asked == ["cdn.example", "internal.example"]
+        assert public.hits == ["/go"] and private.hits == []
+    finally:
+        public.close()
+        private.close()
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(monkeypatch, loopback_is_public_except_127_0_0_2):
+    """A second DNS answer (rebinding) cannot redirect the fetch: the name is resolved once per hop."""
+    public, private = ImageServer("127.0.0.1"), ImageServer("127.0.0.2")
+    try:
+        public.serve_bytes("/a.png", png_bytes(random_image(8, 6)))
+        private.serve_bytes("/a.png", png_bytes(random_image(2, 2)))
+        answers = iter([["127.0.0.1"], ["127.0.0.2"], ["127.0.0.2"]])
+        asked = fake_resolver(monkeypatch, lambda host: next(answers))
+        (image,) = images.load_images([f"http://rebind.example:{public.port}/a.png"], STRICT)
+        assert image.size == (8, 6) and asked == ["rebind.example"]
+        assert public.hits == ["/a.png"] and private.hits == []
+    finally:
+        public.close()
+        private.close()
+
+
+def test_the_host_header_keeps_the_requested_name(monkeypatch, loopback_is_public_except_127_0_0_2):
+    server = ImageServer("127.0.0.1")
+    seen = []
+
+    def route(h):
+        seen.append(h.headers["Host"])
+        body = png_bytes(random_image(3, 3))
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    server.routes["/h.png"] = route
+    try:
+        fake_resolver(monkeypatch, {"named.example": ["127.0.0.1"]})
+        images.load_images([f"http://named.example:{server.port}/h.png"], STRICT)
+        assert seen == [f"named.example:{server.port}"]
+    finally:
+        server.close()
+
+
+def test_too_many_redirects(server):
+    server.redirect("/loop", "/loop")
+    assert "redirected more than 5 times" in error_of(server.url("/loop"))

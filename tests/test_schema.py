@@ -86,3 +86,25 @@ def test_image_count_must_be_within_the_limit(count):
 
 def test_the_limit_counts_every_image_field_together():
     assert "got 4" in refused({"prompt": "x", "image_url": URL, "image_base64": "aGk=", "images": ["aGk=", "aGk="]})
+
+
+def test_hostile_inputs_get_a_sentence_never_a_traceback():
+    """Random JSON of every shape in every field: a valid EditInput or an InputError, nothing else."""
+    import json
+    import random as stdlib_random
+
+    rng = stdlib_random.Random(1234)
+    values = [None, True, False, 0, -1, 1, 2**64, 1.5, float("inf"), float("nan"), "", "x", "💥" * 5000, [], [1],
+              ["a", None], {}, {"a": 1}, "http://127.0.0.1/", "data:,", "A" * 100]  # fmt: skip
+    fields = [*FIELD_RULES, "promt", "__class__", "model_config", ""]
+    for _ in range(2000):
+        job_input = {rng.choice(fields): rng.choice(values) for _ in range(rng.randint(0, 6))}
+        if rng.random() < 0.5:
+            job_input["prompt"] = "x"
+            job_input["image_url"] = URL
+        try:
+            parse(job_input, SETTINGS)
+        except InputError as error:
+            sentence = str(error)
+            assert sentence.endswith(".") and "\n" not in sentence and "Traceback" not in sentence
+            json.dumps({"error": sentence})  # it can be sent back as it is
