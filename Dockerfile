@@ -19,7 +19,7 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install -r requirements.txt
 
-COPY config.py schema.py images.py model_loader.py tiny_model.py engine.py batching.py service.py handler.py test_input.json ./
+COPY *.py test_input.json ./
 COPY assets ./assets
 
 CMD ["python", "-u", "handler.py"]
