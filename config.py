@@ -42,6 +42,8 @@ class Settings:
     vae_tiling: bool = False
     vae_slicing: bool = False
     reference_image_area: int = STOCK_REFERENCE_AREA
+    batch_cfg: bool = False
+    compile_transformer: bool = False
     max_concurrency: int = 8
     max_batch_size: int = 4
     batch_wait_ms: int = 50
@@ -97,6 +99,8 @@ class Settings:
             vae_slicing=env.boolean("VAE_SLICING", cls.vae_slicing),
             reference_image_area=env.integer("REFERENCE_IMAGE_AREA", reference_default, 64 * 64, 2048 * 2048),
             # Two batches' worth: one batch runs on the GPU while the next one fills.
+            batch_cfg=env.boolean("CFG_BATCHING", cls.batch_cfg),
+            compile_transformer=env.boolean("COMPILE_TRANSFORMER", cls.compile_transformer),
             max_concurrency=env.integer("MAX_CONCURRENCY", 2 * max_batch, 1, 256),
             max_batch_size=max_batch,
             batch_wait_ms=env.integer("BATCH_WAIT_MS", cls.batch_wait_ms, 0, 10_000),
@@ -113,6 +117,12 @@ class Settings:
             bucket_name=env.text("BUCKET_NAME", cls.bucket_name),
             max_response_bytes=env.integer("MAX_RESPONSE_BYTES", cls.max_response_bytes, 100_000, 100_000_000),
         )
+
+
+def export_library_settings(settings: Settings) -> None:
+    """Environment that libraries read themselves: keep torch.compile's cache with the weights,
+    so that a restarted worker on the same volume does not compile again."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(settings.model_dir, "torchinductor"))
 
 
 def attention_backends() -> tuple[str, ...]:

@@ -181,10 +181,18 @@ class EditEngine:
         repeats = [r.num_images for r in requests]
         latents = torch.cat([n for e in encoded for n in e["noise"]])
         image_latents = torch.cat([e["image_latents"].expand(n, -1, -1) for e, n in zip(encoded, repeats)])
-        embeds, mask = pad_and_stack([e["embeds"] for e in encoded], repeats)
         do_cfg = requests[0].do_cfg
+        # Each branch is one transformer forward: (name, text, text mask, copies of the latents).
+        positive = [e["embeds"] for e in encoded]
+        negative = [e["negative"] for e in encoded] if do_cfg else []
+        if do_cfg and self._settings.batch_cfg:
+            # Conditional and unconditional passes as one forward of twice the batch.
+            branches = [("cfg", *pad_and_stack(positive + negative, repeats + repeats), 2)]
+        else:
+            branches = [("cond", *pad_and_stack(positive, repeats), 1)]
+            if do_cfg:
+                branches.append(("uncond", *pad_and_stack(negative, repeats), 1))
         if do_cfg:
-            negative, negative_mask = pad_and_stack([e["negative"] for e in encoded], repeats)
             scale = torch.tensor(
                 [r.true_cfg_scale for r in requests for _ in range(r.num_images)], device=device, dtype=latents.dtype
             ).view(-1, 1, 1)
@@ -207,24 +215,26 @@ class EditEngine:
         timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)
 
-        def predict(text: torch.Tensor, text_mask: torch.Tensor | None, t: torch.Tensor, branch: str) -> torch.Tensor:
+        def predict(t: torch.Tensor, branch: str, text: torch.Tensor, mask: torch.Tensor | None, copies: int):
+            hidden = torch.cat([latents, image_latents], dim=1)
             with pipe.transformer.cache_context(branch):
                 out = pipe.transformer(
-                    hidden_states=torch.cat([latents, image_latents], dim=1),
-                    timestep=t.expand(latents.shape[0]).to(latents.dtype) / 1000,
+                    hidden_states=hidden.repeat(copies, 1, 1) if copies > 1 else hidden,
+                    timestep=t.expand(hidden.shape[0] * copies).to(latents.dtype) / 1000,
                     guidance=None,
-                    encoder_hidden_states_mask=text_mask,
+                    encoder_hidden_states_mask=mask,
                     encoder_hidden_states=text,
-                    img_shapes=img_shapes,
+                    img_shapes=img_shapes * copies,
                     attention_kwargs={},
                     return_dict=False,
                 )[0]
-            return out[:, : latents.shape[1]]
+            return out[:, : latents.shape[1]].chunk(copies)
 
         for i, t in enumerate(timesteps):
-            noise_pred = predict(embeds, mask, t, "cond")
+            predictions = [p for branch in branches for p in predict(t, *branch)]
+            noise_pred = predictions[0]
             if do_cfg:
-                negative_pred = predict(negative, negative_mask, t, "uncond")
+                negative_pred = predictions[1]
                 combined = negative_pred + scale * (noise_pred - negative_pred)
                 # Qwen's guidance keeps the conditional prediction's norm.
                 noise_pred = combined * (noise_pred.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
@@ -232,7 +242,7 @@ class EditEngine:
             for request in requests:
                 if request.progress is not None:
                     request.progress(i + 1, len(timesteps))
-        return latents, mask is not None or (do_cfg and negative_mask is not None)
+        return latents, any(branch[2] is not None for branch in branches)
 
     def _decode(self, pipe, latents: torch.Tensor, plan: _Plan) -> np.ndarray:
         vae = pipe.vae

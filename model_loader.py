@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from config import Settings
+from config import Settings, export_library_settings
 
 log = logging.getLogger("qwen_edit_worker.model")
 
@@ -263,6 +263,11 @@ def load_model(settings: Settings) -> LoadedModel:
     offload = choose_offload(settings, pipe, device)
     _place(pipe, offload, device, quantized)
     _apply_memory_options(pipe, settings)
+    if settings.compile_transformer and device.type == "cuda":
+        export_library_settings(settings)
+        # Regional compilation: the 60 identical blocks share one compiled graph.
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        log.info("transformer blocks will be compiled on first use (cache: %s)", settings.model_dir)
     precision = settings.precision_mode if quantized else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     return LoadedModel(pipe, device, dtype, precision, settings.use_lightning_lora, offload)
 

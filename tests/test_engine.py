@@ -131,3 +131,14 @@ def test_pad_and_stack_masks_only_when_lengths_differ():
     assert torch.all(stacked[0, 3:] == 0)
     _, no_mask = pad_and_stack([short, short], [1, 1])
     assert no_mask is None
+
+
+def test_cfg_as_one_batched_forward_matches_two_passes(tiny_settings, base_holder, engine):
+    import dataclasses
+
+    from engine import EditEngine
+
+    joint = EditEngine(dataclasses.replace(tiny_settings, batch_cfg=True), base_holder.get)
+    edits = [request(cfg=4.0, negative_prompt="blurry, low quality, distorted"), request(prompt="b", seed=3, cfg=2.5)]
+    for together, apart in zip(joint.run_batch(edits), engine.run_batch(edits), strict=True):
+        assert np.abs(together.images[0] - apart.images[0]).max() < TOLERANCE

@@ -1,0 +1,311 @@
+"""The worker against the stock diffusers pipeline at real size, on one GPU, in one run.
+
+    python3 benchmarks/gpu_speed.py --scenarios lightning1024,batch512,cfg1024 --out $OUT
+
+Builds Qwen-Image-Edit-2509 at real size with random weights (transformer 20.4B,
+Qwen2.5-VL-7B-shaped text encoder, VAE) on the GPU: timing does not depend on the
+weights' values, which cannot be downloaded here. The tokenizer is the tiny model's
+(a system prompt of about 150 tokens instead of 64; images dominate the sequence).
+
+For each scenario, the same list of jobs runs through
+  A: `QwenImageEditPlusPipeline.__call__`, one job at a time (decode the input, call,
+     encode a PNG): what a worker built on the stock pipeline does;
+  B: this worker's `EditService` (validation, decoding, the batcher, the engine, PNG
+     encoding) with every job submitted at once, as RunPod's concurrency delivers them,
+     under each variant asked for (eager, compiled, ...).
+It reports images/s, p50/p95 latency, peak GPU memory and B/A, checks that each
+variant's output stays within bf16 tolerance of the eager engine on the same weights,
+and prints a markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import io
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from config import Settings  # noqa: E402
+from engine import EditEngine, EditRequest  # noqa: E402
+from images import encode_image, load_images  # noqa: E402
+from model_loader import LIGHTNING_SCHEDULER_CONFIG, LoadedModel  # noqa: E402
+from service import EditService  # noqa: E402
+
+# Qwen-Image-Edit's own scheduler configuration (used without Lightning).
+BASE_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 8192, "max_shift": 0.9,
+    "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02, "time_shift_type": "exponential",
+    "use_dynamic_shifting": True,
+}  # fmt: skip
+PROMPTS = [
+    "Make the sky a deep orange sunset and add birds",
+    "Turn the photo into a watercolor painting",
+    "Replace the background with a snowy mountain landscape at dawn, keep the person unchanged",
+    "Add a red hat",
+    "Make it night time with city lights in the distance and a full moon",
+    "Change the jacket to blue denim",
+    "Remove the text from the sign",
+    "Give the scene a cinematic teal and orange color grade, increase contrast slightly",
+]
+
+SCENARIOS = {
+    # name: (output side, jobs, steps, cfg scale, lightning, precision)
+    "lightning1024": (1024, 4, 8, 1.0, True, "bf16"),
+    "batch512": (512, 8, 8, 1.0, True, "bf16"),
+    "cfg1024": (1024, 2, 40, 4.0, False, "bf16"),
+    "4bit1024": (1024, 2, 8, 1.0, True, "4bit"),
+}
+
+
+DEVICE, DTYPE, INPUT_SIDE = torch.device("cuda"), torch.bfloat16, 1024
+
+
+class Preloaded:
+    def __init__(self, model: LoadedModel):
+        self.model = model
+
+    def get(self) -> LoadedModel:
+        return self.model
+
+
+def text_encoder_7b(tokenizer):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                     "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0, "max_position_embeddings": 128000,
+                     "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                       "fullatt_block_indexes": [7, 15, 23, 31]},
+        vocab_size=152064, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )  # fmt: skip
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def build_pipeline():
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    from tiny_model import _build_tokenizer
+
+    tokenizer = _build_tokenizer()
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor())  # fmt: skip
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            transformer = QwenImageTransformer2DModel()  # the defaults are Qwen-Image's real configuration
+            vae = AutoencoderKLQwenImage()
+            text_encoder = text_encoder_7b(tokenizer)
+        finally:
+            torch.set_default_dtype(previous)
+    pipe = QwenImageEditPlusPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG), vae=vae,
+        text_encoder=text_encoder.eval(), tokenizer=tokenizer, processor=processor, transformer=transformer.eval(),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    params = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) / 1e9 for n in ("transformer", "text_encoder", "vae")}
+    print(f"built real-size pipeline in {time.perf_counter() - start:.0f} s: {params} B params", flush=True)
+    return pipe
+
+
+def quantize_nf4(pipe) -> None:
+    """NF4 as the `4bit` mode loads it (bitsandbytes Linear4bit, block 0's img_mod kept)."""
+    import bitsandbytes as bnb
+
+    for name in ("transformer", "text_encoder"):
+        root = getattr(pipe, name)
+        for module_name, module in list(root.named_modules()):
+            for child_name, child in list(module.named_children()):
+                full = f"{module_name}.{child_name}" if module_name else child_name
+                if not isinstance(child, torch.nn.Linear) or full.startswith("transformer_blocks.0.img_mod"):
+                    continue
+                if name == "text_encoder" and full.endswith("lm_head"):
+                    continue
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")  # fmt: skip
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4").to("cuda")
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(module, child_name, q)
+        torch.cuda.empty_cache()
+
+
+def input_png(side: int, seed: int) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def jobs_for(name: str) -> list[dict]:
+    side, count, steps, cfg, _, _ = SCENARIOS[name]
+    return [
+        {"id": f"{name}-{i}", "input": {"prompt": PROMPTS[i % len(PROMPTS)], "image_base64": input_png(INPUT_SIDE, i),
+                                        "width": side, "height": side, "num_inference_steps": steps,
+                                        "true_cfg_scale": cfg, "seed": i}}  # fmt: skip
+        for i in range(count)
+    ]
+
+
+def stock_one_at_a_time(pipe, jobs: list[dict], settings: Settings) -> tuple[float, list[float]]:
+    start, latencies = time.perf_counter(), []
+    for job in jobs:
+        x = job["input"]
+        (image,) = load_images([x["image_base64"]], settings)
+        extra = {"negative_prompt": " "} if x["true_cfg_scale"] > 1 else {}
+        out = pipe(image=[image], prompt=x["prompt"], true_cfg_scale=x["true_cfg_scale"], width=x["width"],
+                   height=x["height"], num_inference_steps=x["num_inference_steps"],
+                   generator=torch.Generator().manual_seed(x["seed"]), output_type="np", **extra).images  # fmt: skip
+        encode_image(out[0], "png", 95)
+        latencies.append(time.perf_counter() - start)
+    return time.perf_counter() - start, latencies
+
+
+def worker_all_at_once(service: EditService, jobs: list[dict]) -> tuple[float, list[float], list[int]]:
+    async def scenario():
+        start = time.perf_counter()
+        latencies: list[float] = []
+
+        async def one(job):
+            result = await service.handle(job)
+            assert "error" not in result, result["error"]
+            latencies.append(time.perf_counter() - start)
+            return result["batch_size"]
+
+        sizes = await asyncio.gather(*(one(job) for job in jobs))
+        return time.perf_counter() - start, latencies, list(sizes)
+
+    return asyncio.run(scenario())
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def engine_image(settings: Settings, model: LoadedModel, job: dict) -> np.ndarray:
+    x = job["input"]
+    (image,) = load_images([x["image_base64"]], settings)
+    request = EditRequest(prompt=x["prompt"], images=(image,), seed=x["seed"], num_inference_steps=x["num_inference_steps"],
+                          true_cfg_scale=x["true_cfg_scale"], negative_prompt=None, width=x["width"], height=x["height"])  # fmt: skip
+    return EditEngine(settings, lambda: model).run_batch([request])[0].images[0]
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_variant(variant, name, pipe, model, settings, jobs, warm, count, reference_images) -> dict:
+    if variant == "stock":
+        stock_one_at_a_time(pipe, [warm], settings)
+        reset_peak()
+        elapsed, latencies = stock_one_at_a_time(pipe, jobs, settings)
+        sizes, error = [1] * count, None
+        reference_images[name] = engine_image(settings, model, jobs[0])
+    else:
+        service = EditService(settings, holder=Preloaded(model))
+        warm_start = time.perf_counter()
+        worker_all_at_once(service, [dict(j, id=f"warm-{k}") for k, j in enumerate(jobs)])  # compiles, learns
+        print(f"  {variant} {name}: warm-up (compile, cost learning) took {time.perf_counter() - warm_start:.0f} s", flush=True)
+        reset_peak()
+        elapsed, latencies, sizes = worker_all_at_once(service, jobs)
+        service.close()
+        error = relative_error(engine_image(settings, model, jobs[0]), reference_images[name])
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
+    return {"scenario": name, "variant": variant, "images_per_s": count / elapsed, "p50_s": statistics.median(latencies),
+            "p95_s": q[18], "peak_gib": peak, "mean_batch": statistics.mean(sizes), "rel_error_vs_eager": error}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenarios", default="lightning1024,batch512,cfg1024")
+    parser.add_argument("--variants", default="eager,compiled", help="B variants: eager, compiled, cfgbatch, cudnn")
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--tiny", action="store_true", help="smoke-test this script on CPU with the tiny model")
+    args = parser.parse_args()
+    scenarios = args.scenarios.split(",")
+    variants = args.variants.split(",")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if args.tiny:
+        import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as stock_module
+
+        from tiny_model import build_tiny_pipeline
+
+        global DEVICE, DTYPE, INPUT_SIDE
+        DEVICE, DTYPE, INPUT_SIDE = torch.device("cpu"), torch.float32, 64
+        for name, (side, *rest) in list(SCENARIOS.items()):
+            SCENARIOS[name] = (max(64, side // 16), *rest)
+        stock_module.VAE_IMAGE_SIZE = 64 * 64
+        pipe = build_tiny_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
+        pipe = build_pipeline()
+    if any(SCENARIOS[s][5] == "4bit" for s in scenarios):
+        quantize_nf4(pipe)
+        print(f"quantized to NF4: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
+    base_env = {"MODEL_ID": "tiny-random" if args.tiny else "real-size-random", "MAX_BATCH_SIZE": "8", "MAX_CONCURRENCY": "16", "BATCH_WAIT_MS": "50"}
+    rows, reference_images = [], {}
+    compiled = False
+    for variant in ["stock", *variants]:
+        if variant == "compiled" and not compiled:
+            pipe.transformer.compile_repeated_blocks(fullgraph=True)
+            compiled = True
+        env = dict(base_env, CFG_BATCHING=str(variant == "cfgbatch"),
+                   ATTENTION_BACKEND="_native_cudnn" if variant == "cudnn" else "native")  # fmt: skip
+        settings = Settings.from_env(env)
+        if variant == "cudnn":
+            pipe.transformer.set_attention_backend("_native_cudnn")
+        for name in scenarios:
+            side, count, steps, cfg, lightning, precision = SCENARIOS[name]
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+                LIGHTNING_SCHEDULER_CONFIG if lightning else BASE_SCHEDULER_CONFIG
+            )
+            model = LoadedModel(pipe, DEVICE, DTYPE, precision, lightning, "none")
+            jobs = jobs_for(name)
+            warm = dict(jobs[0], id="warm")
+            try:
+                row = run_variant(variant, name, pipe, model, settings, jobs, warm, count, reference_images)
+            except Exception as error:  # one variant failing must not cost the rest of the run
+                print(f"{variant} {name} FAILED: {type(error).__name__}: {str(error)[:500]}", flush=True)
+                continue
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            (Path(args.out) / "gpu_speed.json").write_text(json.dumps(rows, indent=1))
+
+    stock = {r["scenario"]: r["images_per_s"] for r in rows if r["variant"] == "stock"}
+    print("\n| scenario | variant | images/s | p50 s | p95 s | peak GiB | jobs per batch | B/A | rel. error vs eager |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        err = "-" if r["rel_error_vs_eager"] is None else f"{r['rel_error_vs_eager']:.1e}"
+        print(f"| {r['scenario']} | {r['variant']} | {r['images_per_s']:.3f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
+              f"{r['peak_gib']:.1f} | {r['mean_batch']:.1f} | {r['images_per_s'] / stock.get(r['scenario'], math.nan):.2f} | {err} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
