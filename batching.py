@@ -14,8 +14,10 @@ Semantics (the contract the handler and the tests rely on):
   several requests shared (their text is padded and masked, which costs) and of single
   requests. A shared batch of n slots is neither formed nor waited for once it has
   measured slower per image than a smaller batch or a request alone; so batching never
-  makes a key slower than running its requests one at a time. A banned size is tried
-  again after `reprobe_after` batches of its key, in case the costs have changed.
+  makes a key slower than running its requests one at a time. Until a key has a request
+  measured alone, its oldest request runs alone once, so that there is something to
+  compare with. A banned size is tried again after `reprobe_after` batches of its key,
+  in case the costs have changed.
 - All batches run on one thread, one at a time; the event loop never waits on them.
 - A batch that raises is retried one request at a time, so only the guilty request gets
   the error; a batch that runs out of GPU memory is split in halves and retried.
@@ -76,6 +78,10 @@ class CostModel:
 
     def per_image(self, key: Hashable, slots: int, shared: bool) -> float | None:
         return self._cost.get(key, {}).get((slots, shared))
+
+    def has_baseline(self, key: Hashable) -> bool:
+        """Has a request of this key run alone (the cost that batching must beat)?"""
+        return any(not shared for _, shared in self._cost.get(key, {}))
 
     def allows(self, key: Hashable, slots: int) -> bool:
         """May several requests share a batch of `slots` images?"""
@@ -232,6 +238,8 @@ class Batcher(Generic[Req, Res]):
         return self.costs.target(key, self.max_batch_size) if self.costs else self.max_batch_size
 
     def _fill(self, members: list[_Item], target: int) -> list[_Item]:
+        if self.costs is not None and not self.costs.has_baseline(members[0].key):
+            return members[:1]  # measure a request alone first: the baseline batches must beat
         batch, used = [], 0
         for item in members:
             if batch and used + item.size > target:

@@ -253,3 +253,10 @@ def test_cost_model_compares_shared_batches_with_smaller_ones_and_reprobes():
         costs.record("k", 1, shared=False, seconds=1.0)
     assert costs.allows("k", 4)  # measured 4 batches ago, with reprobe_after=3: try again
     assert costs.allows("other-key", 4)
+
+
+def test_a_key_runs_one_request_alone_first_to_have_a_baseline():
+    engine = TimedEngine(solo_s=0.01, shared_s=0.005)
+    batcher = adaptive(engine, max_wait_s=0.05)
+    run(submit_together(batcher, "a", "b", "c"))
+    assert engine.batches == [["a"], ["b", "c"]]
