@@ -14,9 +14,10 @@ Semantics (the contract the handler and the tests rely on):
   several requests shared (their text is padded and masked, which costs) and of single
   requests. A shared batch of n slots is neither formed nor waited for once it has
   measured slower per image than a smaller batch or a request alone; so batching never
-  makes a key slower than running its requests one at a time. Until a key has a request
-  measured alone, its oldest request runs alone once, so that there is something to
-  compare with. A banned size is tried again after `reprobe_after` batches of its key,
+  makes a key slower than running its requests one at a time. The first batch of each
+  (key, size) is not counted: it pays for compilation and kernel autotuning. Until a key
+  has a request measured alone, its oldest request runs alone, so that there is something
+  to compare with. A banned size is tried again after `reprobe_after` batches of its key,
   in case the costs have changed.
 - All batches run on one thread, one at a time; the event loop never waits on them.
 - A batch that raises is retried one request at a time, so only the guilty request gets
@@ -64,10 +65,15 @@ class CostModel:
         self.smoothing = smoothing
         self.reprobe_after = reprobe_after
         self._cost: dict[Hashable, dict[tuple[int, bool], float]] = {}
+        self._seen: set[tuple[Hashable, int, bool]] = set()
         self._measured_at: dict[tuple[Hashable, int], int] = {}
         self._batches: dict[Hashable, int] = {}
 
     def record(self, key: Hashable, slots: int, shared: bool, seconds: float) -> None:
+        if (key, slots, shared) not in self._seen:
+            # The first batch of a shape pays for compilation and kernel autotuning: not a cost.
+            self._seen.add((key, slots, shared))
+            return
         per_image = seconds / slots
         table = self._cost.setdefault(key, {})
         old = table.get((slots, shared))

@@ -213,7 +213,9 @@ def test_batches_that_measure_slower_per_image_are_no_longer_formed_or_waited_fo
     batcher = adaptive(engine, max_wait_s=0.2)
 
     async def scenario():
-        await submit_together(batcher, "warm")  # measures a request alone (after waiting 0.2 s)
+        await submit_together(batcher, "warm0")  # the first run of a shape is not counted
+        await submit_together(batcher, "warm")  # measures a request alone
+        await submit_together(batcher, "p0", "p1")  # a shared pair, first of its shape: not counted
         await submit_together(batcher, "p1", "p2")  # a shared pair: measured slower per image
         assert batcher.costs.target("a", 2) == 1
         loop = asyncio.get_running_loop()
@@ -222,7 +224,7 @@ def test_batches_that_measure_slower_per_image_are_no_longer_formed_or_waited_fo
         return loop.time() - start
 
     took = run(scenario())
-    assert engine.batches == [["warm"], ["p1", "p2"], ["q1"], ["q2"]]
+    assert engine.batches == [["warm0"], ["warm"], ["p0", "p1"], ["p1", "p2"], ["q1"], ["q2"]]
     assert took < 0.15  # nobody waited for a partner that would only slow things down
 
 
@@ -231,16 +233,20 @@ def test_batches_that_measure_faster_keep_being_formed():
     batcher = adaptive(engine, max_wait_s=0.2)
 
     async def scenario():
+        await submit_together(batcher, "warm0")
         await submit_together(batcher, "warm")
         for i in range(3):
             await submit_together(batcher, f"a{i}", f"b{i}")
 
     run(scenario())
-    assert engine.batches == [["warm"], ["a0", "b0"], ["a1", "b1"], ["a2", "b2"]]
+    assert engine.batches == [["warm0"], ["warm"], ["a0", "b0"], ["a1", "b1"], ["a2", "b2"]]
 
 
 def test_cost_model_compares_shared_batches_with_smaller_ones_and_reprobes():
     costs = CostModel(smoothing=0.5, reprobe_after=3)
+    for slots, shared in [(1, False), (2, True), (4, True), (2, False)]:
+        costs.record("k", slots, shared=shared, seconds=100.0)  # first of each shape: compile time, ignored
+    assert not costs.has_baseline("k") and costs.target("k", 4) == 4
     costs.record("k", 1, shared=False, seconds=1.0)
     costs.record("k", 2, shared=True, seconds=1.0)  # 0.5 s per image: better than alone
     assert costs.allows("k", 2) and costs.target("k", 4) == 4  # 3 and 4 not measured yet
@@ -258,5 +264,5 @@ def test_cost_model_compares_shared_batches_with_smaller_ones_and_reprobes():
 def test_a_key_runs_one_request_alone_first_to_have_a_baseline():
     engine = TimedEngine(solo_s=0.01, shared_s=0.005)
     batcher = adaptive(engine, max_wait_s=0.05)
-    run(submit_together(batcher, "a", "b", "c"))
-    assert engine.batches == [["a"], ["b", "c"]]
+    run(submit_together(batcher, "a", "b", "c", "d"))  # the first alone run warms up; the second measures
+    assert engine.batches == [["a"], ["b"], ["c", "d"]]
