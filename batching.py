@@ -13,8 +13,8 @@ Semantics (the contract the handler and the tests rely on):
   `CostModel` keeps, per key and batch size, the measured time per image of batches that
   several requests shared (their text is padded and masked, which costs) and of single
   requests. A shared batch of n slots is neither formed nor waited for once it has
-  measured slower per image than a smaller batch or a request alone; so batching never
-  makes a key slower than running its requests one at a time. The first batch of each
+  measured slower per image than a smaller batch or a request alone, nor are larger ones;
+  so batching never makes a key slower than running its requests one at a time. The first batch of each
   (key, size) is not counted: it pays for compilation and kernel autotuning. Until a key
   has a request measured alone, its oldest request runs alone, so that there is something
   to compare with. A banned size is tried again after `reprobe_after` batches of its key,
@@ -104,8 +104,17 @@ class CostModel:
         return not rivals or mine <= min(rivals)
 
     def target(self, key: Hashable, limit: int) -> int:
-        """The largest shared batch worth waiting for (1 when batching measured slower)."""
-        return next((n for n in range(limit, 1, -1) if self.allows(key, n)), 1)
+        """The largest shared batch worth waiting for (1 when batching measured slower).
+
+        Sizes above one that measured slower are not tried: per-image cost does not fall
+        again with size once the GPU is saturated and the text mask is paid for.
+        """
+        best = 1
+        for n in range(2, limit + 1):
+            if not self.allows(key, n):
+                break
+            best = n
+        return best
 
 
 @dataclass

@@ -43,7 +43,7 @@ class Settings:
     vae_slicing: bool = False
     reference_image_area: int = STOCK_REFERENCE_AREA
     batch_cfg: bool = False
-    compile_transformer: bool = False
+    compile_transformer: bool = True
     max_concurrency: int = 8
     max_batch_size: int = 4
     batch_wait_ms: int = 50

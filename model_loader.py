@@ -61,6 +61,7 @@ class LoadedModel:
     precision: str
     lightning: bool
     offload: str
+    compiled: bool = False
 
 
 @contextmanager
@@ -263,13 +264,24 @@ def load_model(settings: Settings) -> LoadedModel:
     offload = choose_offload(settings, pipe, device)
     _place(pipe, offload, device, quantized)
     _apply_memory_options(pipe, settings)
-    if settings.compile_transformer and device.type == "cuda":
-        export_library_settings(settings)
-        # Regional compilation: the 60 identical blocks share one compiled graph.
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
-        log.info("transformer blocks will be compiled on first use (cache: %s)", settings.model_dir)
+    compiled = _maybe_compile(pipe, settings, device, quantized, offload)
     precision = settings.precision_mode if quantized else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-    return LoadedModel(pipe, device, dtype, precision, settings.use_lightning_lora, offload)
+    return LoadedModel(pipe, device, dtype, precision, settings.use_lightning_lora, offload, compiled)
+
+
+def _maybe_compile(pipe, settings: Settings, device: torch.device, quantized: bool, offload: str) -> bool:
+    """Regional torch.compile of the transformer blocks (measured ×1.2–1.26 on an H200)."""
+    if not settings.compile_transformer or device.type != "cuda":
+        return False
+    if quantized or offload != "none":
+        # Not measured with bitsandbytes layers or offload hooks: keep those paths eager.
+        log.info("COMPILE_TRANSFORMER skipped: only the unquantized, non-offloaded path is compiled")
+        return False
+    export_library_settings(settings)  # the inductor cache lives in MODEL_DIR
+    # The 60 identical blocks share one compiled graph.
+    pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    log.info("transformer blocks compiled with torch.compile (regional)")
+    return True
 
 
 class ModelHolder:

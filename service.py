@@ -61,9 +61,14 @@ class EditService:
             max_wait_s=settings.batch_wait_ms / 1000,
             is_out_of_memory=_is_out_of_memory,
             is_fatal=_leaves_gpu_unusable,
-            on_start=self.holder.get,  # load the model as the worker starts, not on the first job
+            on_start=self._start,
             on_failure=on_broken,
         )
+
+    def _start(self) -> None:
+        """Load the model (and compile it) as the worker starts, not on the first job."""
+        if self.holder.get().compiled:
+            self.engine.warm_up()
 
     def close(self) -> None:
         """Take no new jobs; finish what is queued and running."""

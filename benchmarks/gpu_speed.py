@@ -231,7 +231,7 @@ def run_variant(variant, name, pipe, model, settings, jobs, warm, count, referen
         warm_start = time.perf_counter()
         # Twice: the first pass compiles and measures (one job alone, then batches), the
         # second runs on what was learned, as a worker that has been up for a while does.
-        for round_ in range(2):
+        for round_ in range(2 if settings.max_batch_size > 1 else 1):
             worker_all_at_once(service, [dict(j, id=f"warm-{round_}-{k}") for k, j in enumerate(jobs)])
         print(f"  {variant} {name}: warm-up (compile, cost learning) took {time.perf_counter() - warm_start:.0f} s", flush=True)
         reset_peak()
@@ -247,7 +247,7 @@ def run_variant(variant, name, pipe, model, settings, jobs, warm, count, referen
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenarios", default="lightning1024,batch512,cfg1024")
-    parser.add_argument("--variants", default="eager,compiled", help="B variants: eager, compiled, cfgbatch, cudnn")
+    parser.add_argument("--variants", default="eager,compiled", help="B variants: eager, compiled, compiled-alone (MAX_BATCH_SIZE=1), cfgbatch, cudnn")
     parser.add_argument("--out", default=".")
     parser.add_argument("--tiny", action="store_true", help="smoke-test this script on CPU with the tiny model")
     args = parser.parse_args()
@@ -277,10 +277,11 @@ def main() -> None:
     rows, reference_images = [], {}
     compiled = False
     for variant in ["stock", *variants]:
-        if variant == "compiled" and not compiled:
+        if variant.startswith("compiled") and not compiled:
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
             compiled = True
         env = dict(base_env, CFG_BATCHING=str(variant == "cfgbatch"),
+                   MAX_BATCH_SIZE="1" if variant.endswith("-alone") else base_env["MAX_BATCH_SIZE"],
                    ATTENTION_BACKEND="_native_cudnn" if variant == "cudnn" else "native")  # fmt: skip
         settings = Settings.from_env(env)
         if variant == "cudnn":

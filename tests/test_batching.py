@@ -251,7 +251,7 @@ def test_cost_model_compares_shared_batches_with_smaller_ones_and_reprobes():
     costs.record("k", 2, shared=True, seconds=1.0)  # 0.5 s per image: better than alone
     assert costs.allows("k", 2) and costs.target("k", 4) == 4  # 3 and 4 not measured yet
     costs.record("k", 4, shared=True, seconds=4.0)  # 1.0 per image: worse than pairs
-    assert not costs.allows("k", 4) and costs.target("k", 4) == 3
+    assert not costs.allows("k", 4) and costs.target("k", 4) == 3 and costs.target("k", 8) == 3
     costs.record("k", 2, shared=False, seconds=0.2)  # one request of two images, unmasked: 0.1
     assert not costs.allows("k", 2)  # a shared (masked) pair is slower than that
     assert costs.per_image("k", 2, shared=True) == 0.5

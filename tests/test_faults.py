@@ -33,6 +33,7 @@ def test_out_of_memory_once_splits_the_batch_and_every_job_succeeds(tiny_env, ba
 
     settings = Settings.from_env(tiny_env(MAX_BATCH_SIZE="4", BATCH_WAIT_MS="500"))
     service = EditService(settings, holder=base_holder)
+    service.batcher.costs = None  # plain max-size batching: no baseline run alone first
     real, calls = service.engine.run_batch, []
 
     def oom_once(requests):
