@@ -153,6 +153,17 @@ def quantize_nf4(pipe) -> None:
         torch.cuda.empty_cache()
 
 
+def quantize_fp8(pipe) -> None:
+    """float8 weights and dynamic float8 activations, per row, for the transformer's linears
+    (torchao, as diffusers' TorchAoConfig applies it at load)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    start = time.perf_counter()
+    quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    torch.cuda.empty_cache()
+    print(f"transformer to fp8 in {time.perf_counter() - start:.0f} s: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
+
+
 def input_png(side: int, seed: int) -> str:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -247,7 +258,7 @@ def run_variant(variant, name, pipe, model, settings, jobs, warm, count, referen
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenarios", default="lightning1024,batch512,cfg1024")
-    parser.add_argument("--variants", default="eager,compiled", help="B variants: eager, compiled, compiled-alone (MAX_BATCH_SIZE=1), cfgbatch, cudnn")
+    parser.add_argument("--variants", default="eager,compiled", help="B variants: eager, compiled, compiled-alone (MAX_BATCH_SIZE=1), fp8, fp8-alone, cfgbatch, cudnn")
     parser.add_argument("--out", default=".")
     parser.add_argument("--tiny", action="store_true", help="smoke-test this script on CPU with the tiny model")
     args = parser.parse_args()
@@ -275,9 +286,12 @@ def main() -> None:
         print(f"quantized to NF4: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
     base_env = {"MODEL_ID": "tiny-random" if args.tiny else "real-size-random", "MAX_BATCH_SIZE": "8", "MAX_CONCURRENCY": "16", "BATCH_WAIT_MS": "50"}
     rows, reference_images = [], {}
-    compiled = False
+    compiled = fp8 = False
     for variant in ["stock", *variants]:
-        if variant.startswith("compiled") and not compiled:
+        if variant.startswith("fp8") and not fp8:
+            quantize_fp8(pipe)
+            fp8 = True
+        if variant.startswith(("compiled", "fp8")) and not compiled:
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
             compiled = True
         env = dict(base_env, CFG_BATCHING=str(variant == "cfgbatch"),
