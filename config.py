@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 TINY_MODEL_ID = "tiny-random"
-PRECISION_MODES = ("bf16", "8bit", "4bit")
+PRECISION_MODES = ("bf16", "8bit", "4bit", "fp8")
 OFFLOAD_MODES = ("none", "model", "sequential", "auto")
 LIGHTNING_STEP_CHOICES = (4, 8)
 RUNPOD_HF_CACHE = "/runpod-volume/huggingface-cache/hub"

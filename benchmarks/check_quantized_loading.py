@@ -1,4 +1,4 @@
-"""Run the 4-bit and 8-bit loading paths on a GPU with the tiny model saved to disk.
+"""Run the 4-bit, 8-bit and fp8 loading paths on a GPU with the tiny model saved to disk.
 
 diffusers' bitsandbytes quantizer refuses to run without CUDA, so CI cannot cover these
 paths; this script is how they are checked on the GPU machine:
@@ -40,15 +40,17 @@ def edit_once(settings: Settings, model) -> np.ndarray:
     return engine.run_batch([edit])[0].images[0]
 
 
-def check(mode: str, model_dir: str, lightning: bool) -> None:
-    env = {"MODEL_ID": "tiny-random", "MODEL_DIR": model_dir, "PRECISION_MODE": mode, "USE_LIGHTNING_LORA": str(lightning)}
+def check(mode: str, model_dir: str, lightning: bool, compile_: bool = False) -> None:
+    env = {"MODEL_ID": "tiny-random", "MODEL_DIR": model_dir, "PRECISION_MODE": mode, "USE_LIGHTNING_LORA": str(lightning),
+           "COMPILE_TRANSFORMER": str(compile_)}  # fmt: skip
     settings = Settings.from_env(env)
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     model = model_loader.load_model(settings)
     pixels = edit_once(settings, model)
     print(
-        f"[{mode} lightning={lightning}] precision={model.precision} dtype={model.dtype} offload={model.offload} "
+        f"[{mode} lightning={lightning} compile={compile_}] precision={model.precision} dtype={model.dtype} "
+        f"offload={model.offload} compiled={model.compiled} weight={type(model.pipe.transformer.transformer_blocks[1].attn.to_q.weight).__name__} "
         f"transformer linears={linear_kinds(model.pipe.transformer)} text_encoder linears={linear_kinds(model.pipe.text_encoder)} "
         f"img_mod kept={type(model.pipe.transformer.transformer_blocks[0].img_mod[1]).__name__} "
         f"adapters={model.pipe.get_list_adapters()} output={pixels.shape} finite={bool(np.isfinite(pixels).all())} "
@@ -67,6 +69,8 @@ def check_8bit_offload_retry(model_dir: str) -> None:
 if __name__ == "__main__":
     directory = sys.argv[1] if len(sys.argv) > 1 else "/tmp/models"
     print(f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}")
-    for mode, lightning in [("bf16", True), ("4bit", False), ("4bit", True), ("8bit", False), ("8bit", True)]:
-        check(mode, directory, lightning)
+    for mode, lightning, compile_ in [("bf16", True, False), ("4bit", False, False), ("4bit", True, False),
+                                      ("8bit", False, False), ("8bit", True, False), ("fp8", False, False),
+                                      ("fp8", True, True), ("bf16", False, True)]:  # fmt: skip
+        check(mode, directory, lightning, compile_)
     check_8bit_offload_retry(directory)

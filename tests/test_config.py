@@ -49,7 +49,7 @@ def test_values_are_parsed_and_normalised():
 @pytest.mark.parametrize(
     "name, value, allowed",
     [
-        ("PRECISION_MODE", "bogus", "bf16, 8bit, 4bit"),
+        ("PRECISION_MODE", "bogus", "bf16, 8bit, 4bit, fp8"),
         ("CPU_OFFLOAD", "always", "none, model, sequential, auto"),
         ("LIGHTNING_STEPS", "6", "4, 8"),
         ("USE_LIGHTNING_LORA", "maybe", "true or false"),

@@ -110,3 +110,9 @@ def test_lora_is_found_in_model_dir_before_any_download(tmp_path, tiny_settings)
         {"MODEL_DIR": str(cache), "LIGHTNING_REPO": "acme/lightning", "LIGHTNING_WEIGHT_NAME": weight}
     )
     assert model_loader.resolve_lora_path(settings) == str(target)
+
+
+def test_fp8_needs_a_float8_gpu(tmp_path):
+    settings = Settings.from_env({"MODEL_ID": "tiny-random", "MODEL_DIR": str(tmp_path), "PRECISION_MODE": "fp8"})
+    with pytest.raises(RuntimeError, match="PRECISION_MODE=fp8 needs a GPU with float8 support"):
+        load_model(settings)
