@@ -179,11 +179,13 @@ class EditEngine:
         noise, image_latents = [], None
         for k in range(request.num_images):
             generator = torch.Generator("cpu").manual_seed(request.seed + k)
-            sample, latents_k = pipe.prepare_latents(
+            # The references are VAE-encoded once, with image 0; images 1.. only draw noise.
+            sample, encoded_references = pipe.prepare_latents(
                 vae_images if k == 0 else None, 1, channels, plan.height, plan.width, embeds.dtype, device, generator
             )
             noise.append(sample)
-            image_latents = latents_k if k == 0 else image_latents
+            if k == 0:
+                image_latents = encoded_references
         return {"embeds": embeds, "negative": negative, "noise": noise, "image_latents": image_latents}
 
     def _denoise(self, pipe, requests, encoded, plan: _Plan) -> tuple[torch.Tensor, bool]:
@@ -213,18 +215,7 @@ class EditEngine:
         shapes += [(1, h // vsf // 2, w // vsf // 2) for w, h in plan.reference_sizes]
         img_shapes = [shapes] * latents.shape[0]
 
-        scheduler = copy.deepcopy(pipe.scheduler)  # set_timesteps/step mutate it
-        steps = requests[0].num_inference_steps
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        mu = calculate_shift(
-            latents.shape[1],
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-        timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
-        scheduler.set_begin_index(0)
+        scheduler, timesteps = _schedule(pipe.scheduler, requests[0].num_inference_steps, latents.shape[1], device)
 
         def predict(t: torch.Tensor, branch: str, text: torch.Tensor, mask: torch.Tensor | None, copies: int):
             hidden = torch.cat([latents, image_latents], dim=1)
@@ -263,6 +254,22 @@ class EditEngine:
         std = torch.tensor(vae.config.latents_std).view(view).to(latents.device, latents.dtype)
         pixels = vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
         return pipe.image_processor.postprocess(pixels, output_type="np")
+
+
+def _schedule(base_scheduler, steps: int, image_seq_len: int, device: torch.device):
+    """A private copy of the scheduler (set_timesteps and step mutate it) and its timesteps,
+    set up as the stock pipeline does."""
+    scheduler = copy.deepcopy(base_scheduler)
+    mu = calculate_shift(
+        image_seq_len,
+        scheduler.config.get("base_image_seq_len", 256),
+        scheduler.config.get("max_image_seq_len", 4096),
+        scheduler.config.get("base_shift", 0.5),
+        scheduler.config.get("max_shift", 1.15),
+    )
+    timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    scheduler.set_begin_index(0)
+    return scheduler, timesteps
 
 
 def pad_and_stack(embeds: Sequence[torch.Tensor], repeats: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
