@@ -106,15 +106,16 @@ class CostModel:
     def target(self, key: Hashable, limit: int) -> int:
         """The largest shared batch worth waiting for (1 when batching measured slower).
 
-        Sizes above one that measured slower are not tried: per-image cost does not fall
-        again with size once the GPU is saturated and the text mask is paid for.
+        Sizes at and above the smallest one that measured slower are not tried: per-image
+        cost does not fall again with size once the GPU is saturated and the text mask is
+        paid for. Below it, the largest size measured no slower is the target; if none is
+        measured yet, half the banned size is tried next, so a key settles in a few batches.
         """
-        best = 1
-        for n in range(2, limit + 1):
-            if not self.allows(key, n):
-                break
-            best = n
-        return best
+        banned = next((n for n in range(2, limit + 1) if not self.allows(key, n)), None)
+        if banned is None:
+            return limit
+        measured = [n for n in range(2, banned) if self.per_image(key, n, shared=True) is not None]
+        return max(measured) if measured else max(1, banned // 2)
 
 
 @dataclass

@@ -12,8 +12,8 @@ For each scenario, the same list of jobs runs through
      encode a PNG): what a worker built on the stock pipeline does;
   B: this worker's `EditService` (validation, decoding, the batcher, the engine, PNG
      encoding) with every job submitted at once, as RunPod's concurrency delivers them,
-     under each variant asked for (eager, compiled, ...), after two untimed passes over
-     the same jobs (compilation, and the batcher learning what batches cost).
+     under each variant asked for (eager, compiled, ...), after untimed passes over the
+     same jobs (`--warm-passes`: compilation, and the batcher learning what batches cost).
 It reports images/s, p50/p95 latency, peak GPU memory and B/A, checks that each
 variant's output stays within bf16 tolerance of the eager engine on the same weights,
 and prints a markdown table last.
@@ -72,6 +72,7 @@ SCENARIOS = {
 
 
 DEVICE, DTYPE, INPUT_SIDE = torch.device("cuda"), torch.bfloat16, 1024
+WARM_PASSES = 2
 
 
 class Preloaded:
@@ -239,9 +240,10 @@ def run_variant(variant, name, pipe, model, settings, jobs, warm, count, referen
     else:
         service = EditService(settings, holder=Preloaded(model))
         warm_start = time.perf_counter()
-        # Twice: the first pass compiles and measures (one job alone, then batches), the
-        # second runs on what was learned, as a worker that has been up for a while does.
-        for round_ in range(2 if settings.max_batch_size > 1 else 1):
+        # Untimed passes: compilation, then the batcher measuring one job alone and the batch
+        # sizes it tries, so that the timed pass runs on what was learned, as a worker that
+        # has been up for a while does.
+        for round_ in range(WARM_PASSES if settings.max_batch_size > 1 else 1):
             worker_all_at_once(service, [dict(j, id=f"warm-{round_}-{k}") for k, j in enumerate(jobs)])
         print(f"  {variant} {name}: warm-up (compile, cost learning) took {time.perf_counter() - warm_start:.0f} s", flush=True)
         reset_peak()
@@ -260,7 +262,10 @@ def main() -> None:
     parser.add_argument("--variants", default="eager,compiled", help="B variants: eager, compiled, compiled-alone (MAX_BATCH_SIZE=1), fp8, fp8-alone, cfgbatch, cudnn")
     parser.add_argument("--out", default=".")
     parser.add_argument("--tiny", action="store_true", help="smoke-test this script on CPU with the tiny model")
+    parser.add_argument("--warm-passes", type=int, default=2, help="untimed passes over the jobs before B is timed")
     args = parser.parse_args()
+    global WARM_PASSES
+    WARM_PASSES = args.warm_passes
     scenarios = args.scenarios.split(",")
     variants = args.variants.split(",")
     from diffusers import FlowMatchEulerDiscreteScheduler

@@ -251,14 +251,26 @@ def test_cost_model_compares_shared_batches_with_smaller_ones_and_reprobes():
     costs.record("k", 2, shared=True, seconds=1.0)  # 0.5 s per image: better than alone
     assert costs.allows("k", 2) and costs.target("k", 4) == 4  # 3 and 4 not measured yet
     costs.record("k", 4, shared=True, seconds=4.0)  # 1.0 per image: worse than pairs
-    assert not costs.allows("k", 4) and costs.target("k", 4) == 3 and costs.target("k", 8) == 3
+    assert not costs.allows("k", 4) and costs.target("k", 4) == 2 and costs.target("k", 8) == 2  # 2 measured fine
     costs.record("k", 2, shared=False, seconds=0.2)  # one request of two images, unmasked: 0.1
     assert not costs.allows("k", 2)  # a shared (masked) pair is slower than that
+    assert costs.target("k", 8) == 1
     assert costs.per_image("k", 2, shared=True) == 0.5
     for _ in range(3):
         costs.record("k", 1, shared=False, seconds=1.0)
     assert costs.allows("k", 4)  # measured 4 batches ago, with reprobe_after=3: try again
     assert costs.allows("other-key", 4)
+
+
+def test_after_a_slower_size_the_next_try_is_half_of_it():
+    costs = CostModel()
+    for _ in range(2):  # the first of each shape is not counted
+        costs.record("k", 1, shared=False, seconds=1.0)
+        costs.record("k", 8, shared=True, seconds=16.0)  # 2.0 per image: slower than alone
+    assert costs.target("k", 8) == 4
+    for _ in range(2):
+        costs.record("k", 4, shared=True, seconds=6.0)  # 1.5 per image: slower too
+    assert costs.target("k", 8) == 2
 
 
 def test_a_key_runs_one_request_alone_first_to_have_a_baseline():
