@@ -14,10 +14,11 @@ Semantics (the contract the handler and the tests rely on):
   several requests shared (their text is padded and masked, which costs) and of single
   requests. A shared batch of n slots is neither formed nor waited for once it has
   measured slower per image than a smaller batch or a request alone, nor are larger ones;
-  so batching never makes a key slower than running its requests one at a time. The first batch of each
-  (key, size) is not counted: it pays for compilation and kernel autotuning. Until a key
-  has a request measured alone, its oldest request runs alone, so that there is something
-  to compare with. A banned size is tried again after `reprobe_after` batches of its key,
+  so batching never makes a key slower than running its requests one at a time. Costs are the minimum of
+  recent measurements, and the first batch of each (key, size) is not counted: both keep
+  compilation and autotuning out of them. Until a key has requests measured alone, its
+  oldest request runs alone, so that there is something to compare with; after a size
+  measures slower, half of it is tried next. A banned size is tried again after `reprobe_after` batches of its key,
   in case the costs have changed.
 - All batches run on one thread, one at a time; the event loop never waits on them.
 - A batch that raises is retried one request at a time, so only the guilty request gets
@@ -37,6 +38,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Hashable, Sequence, TypeVar
 
@@ -58,13 +60,17 @@ class WorkerBroken(RuntimeError):
 class CostModel:
     """Measured seconds per image, per (key, batch slots, shared by several requests).
 
-    `smoothing` is the weight of the newest measurement in an exponential moving average.
+    A cost is the minimum of the last `window` measurements: compilation, autotuning and
+    other one-off stalls only ever add time, so the minimum is what the shape costs. The
+    first batch of each shape is not counted at all, and a key has a baseline once
+    `baseline_samples` requests have been measured alone.
     """
 
-    def __init__(self, smoothing: float = 0.3, reprobe_after: int = 200):
-        self.smoothing = smoothing
+    def __init__(self, window: int = 8, baseline_samples: int = 2, reprobe_after: int = 200):
+        self.window = window
+        self.baseline_samples = baseline_samples
         self.reprobe_after = reprobe_after
-        self._cost: dict[Hashable, dict[tuple[int, bool], float]] = {}
+        self._samples: dict[Hashable, dict[tuple[int, bool], deque[float]]] = {}
         self._seen: set[tuple[Hashable, int, bool]] = set()
         self._measured_at: dict[tuple[Hashable, int], int] = {}
         self._batches: dict[Hashable, int] = {}
@@ -74,20 +80,22 @@ class CostModel:
             # The first batch of a shape pays for compilation and kernel autotuning: not a cost.
             self._seen.add((key, slots, shared))
             return
-        per_image = seconds / slots
-        table = self._cost.setdefault(key, {})
-        old = table.get((slots, shared))
-        table[(slots, shared)] = per_image if old is None else old + self.smoothing * (per_image - old)
+        table = self._samples.setdefault(key, {})
+        table.setdefault((slots, shared), deque(maxlen=self.window)).append(seconds / slots)
         self._batches[key] = self._batches.get(key, 0) + 1
         if shared:
             self._measured_at[(key, slots)] = self._batches[key]
 
     def per_image(self, key: Hashable, slots: int, shared: bool) -> float | None:
-        return self._cost.get(key, {}).get((slots, shared))
+        samples = self._samples.get(key, {}).get((slots, shared))
+        return min(samples) if samples else None
 
     def has_baseline(self, key: Hashable) -> bool:
-        """Has a request of this key run alone (the cost that batching must beat)?"""
-        return any(not shared for _, shared in self._cost.get(key, {}))
+        """Has a request of this key been measured alone often enough (the cost batching must beat)?"""
+        return any(
+            not shared and len(samples) >= self.baseline_samples
+            for (_, shared), samples in self._samples.get(key, {}).items()
+        )
 
     def allows(self, key: Hashable, slots: int) -> bool:
         """May several requests share a batch of `slots` images?"""
@@ -97,8 +105,8 @@ class CostModel:
         if self._batches.get(key, 0) - self._measured_at.get((key, slots), 0) >= self.reprobe_after:
             return True  # measured long ago: try again
         rivals = [
-            cost
-            for (n, shared), cost in self._cost[key].items()
+            min(samples)
+            for (n, shared), samples in self._samples[key].items()
             if n < slots or (not shared and n <= slots)
         ]
         return not rivals or mine <= min(rivals)

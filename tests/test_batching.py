@@ -208,15 +208,19 @@ async def submit_together(batcher, *names):
     return await asyncio.gather(*(batcher.submit(Job(n)) for n in names))
 
 
+async def build_baseline(batcher):
+    for name in ("w0", "w1", "w2"):  # the first run of a shape is not counted; two alone make a baseline
+        await submit_together(batcher, name)
+
+
 def test_batches_that_measure_slower_per_image_are_no_longer_formed_or_waited_for():
     engine = TimedEngine(solo_s=0.01, shared_s=0.05)
     batcher = adaptive(engine, max_wait_s=0.2)
 
     async def scenario():
-        await submit_together(batcher, "warm0")  # the first run of a shape is not counted
-        await submit_together(batcher, "warm")  # measures a request alone
-        await submit_together(batcher, "p0", "p1")  # a shared pair, first of its shape: not counted
-        await submit_together(batcher, "p1", "p2")  # a shared pair: measured slower per image
+        await build_baseline(batcher)
+        await submit_together(batcher, "p0", "p1")  # the first shared pair: not counted
+        await submit_together(batcher, "p2", "p3")  # measured slower per image than alone
         assert batcher.costs.target("a", 2) == 1
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -224,7 +228,7 @@ def test_batches_that_measure_slower_per_image_are_no_longer_formed_or_waited_fo
         return loop.time() - start
 
     took = run(scenario())
-    assert engine.batches == [["warm0"], ["warm"], ["p0", "p1"], ["p1", "p2"], ["q1"], ["q2"]]
+    assert engine.batches == [["w0"], ["w1"], ["w2"], ["p0", "p1"], ["p2", "p3"], ["q1"], ["q2"]]
     assert took < 0.15  # nobody waited for a partner that would only slow things down
 
 
@@ -233,28 +237,28 @@ def test_batches_that_measure_faster_keep_being_formed():
     batcher = adaptive(engine, max_wait_s=0.2)
 
     async def scenario():
-        await submit_together(batcher, "warm0")
-        await submit_together(batcher, "warm")
+        await build_baseline(batcher)
         for i in range(3):
             await submit_together(batcher, f"a{i}", f"b{i}")
 
     run(scenario())
-    assert engine.batches == [["warm0"], ["warm"], ["a0", "b0"], ["a1", "b1"], ["a2", "b2"]]
+    assert engine.batches == [["w0"], ["w1"], ["w2"], ["a0", "b0"], ["a1", "b1"], ["a2", "b2"]]
 
 
 def test_cost_model_compares_shared_batches_with_smaller_ones_and_reprobes():
-    costs = CostModel(smoothing=0.5, reprobe_after=3)
+    costs = CostModel(reprobe_after=3)
     for slots, shared in [(1, False), (2, True), (4, True), (2, False)]:
         costs.record("k", slots, shared=shared, seconds=100.0)  # first of each shape: compile time, ignored
     assert not costs.has_baseline("k") and costs.target("k", 4) == 4
+    costs.record("k", 1, shared=False, seconds=1.5)
     costs.record("k", 1, shared=False, seconds=1.0)
+    assert costs.has_baseline("k") and costs.per_image("k", 1, shared=False) == 1.0  # the minimum
     costs.record("k", 2, shared=True, seconds=1.0)  # 0.5 s per image: better than alone
     assert costs.allows("k", 2) and costs.target("k", 4) == 4  # 3 and 4 not measured yet
     costs.record("k", 4, shared=True, seconds=4.0)  # 1.0 per image: worse than pairs
-    assert not costs.allows("k", 4) and costs.target("k", 4) == 2 and costs.target("k", 8) == 2  # 2 measured fine
+    assert not costs.allows("k", 4) and costs.target("k", 4) == 2 and costs.target("k", 8) == 2
     costs.record("k", 2, shared=False, seconds=0.2)  # one request of two images, unmasked: 0.1
-    assert not costs.allows("k", 2)  # a shared (masked) pair is slower than that
-    assert costs.target("k", 8) == 1
+    assert not costs.allows("k", 2) and costs.target("k", 8) == 1  # a shared (masked) pair is slower
     assert costs.per_image("k", 2, shared=True) == 0.5
     for _ in range(3):
         costs.record("k", 1, shared=False, seconds=1.0)
@@ -273,8 +277,8 @@ def test_after_a_slower_size_the_next_try_is_half_of_it():
     assert costs.target("k", 8) == 2
 
 
-def test_a_key_runs_one_request_alone_first_to_have_a_baseline():
+def test_a_key_runs_requests_alone_first_to_have_a_baseline():
     engine = TimedEngine(solo_s=0.01, shared_s=0.005)
     batcher = adaptive(engine, max_wait_s=0.05)
-    run(submit_together(batcher, "a", "b", "c", "d"))  # the first alone run warms up; the second measures
-    assert engine.batches == [["a"], ["b"], ["c", "d"]]
+    run(submit_together(batcher, "a", "b", "c", "d", "e"))  # a warms up; b and c measure the baseline
+    assert engine.batches == [["a"], ["b"], ["c"], ["d", "e"]]
