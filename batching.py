@@ -13,13 +13,13 @@ Semantics (the contract the handler and the tests rely on):
   `CostModel` keeps, per key and batch size, the measured time per image of batches that
   several requests shared (their text is padded and masked, which costs) and of single
   requests. A shared batch of n slots is neither formed nor waited for once it has
-  measured slower per image than a smaller batch or a request alone, nor are larger ones;
-  so batching never makes a key slower than running its requests one at a time. Costs are the minimum of
-  recent measurements, and the first batch of each (key, size) is not counted: both keep
-  compilation and autotuning out of them. Until a key has requests measured alone, its
-  oldest request runs alone, so that there is something to compare with; after a size
-  measures slower, half of it is tried next. A banned size is tried again after `reprobe_after` batches of its key,
-  in case the costs have changed.
+  measured slower per image than a smaller batch or a request alone, nor are larger
+  ones; so batching never makes a key slower than running its requests one at a time.
+  Costs are the minimum of recent measurements, and the first batch of each (key, size)
+  is not counted: both keep compilation and autotuning out of them. Until a key has
+  requests measured alone, its oldest request runs alone, so that there is something to
+  compare with; after a size measures slower, half of it is tried next. A banned size is
+  tried again after `reprobe_after` batches of its key, in case the costs have changed.
 - All batches run on one thread, one at a time; the event loop never waits on them.
 - A batch that raises is retried one request at a time, so only the guilty request gets
   the error; a batch that runs out of GPU memory is split in halves and retried.
