@@ -87,7 +87,6 @@ class Settings:
         return cls(
             model_id=model_id,
             model_dir=env.text("MODEL_DIR", cls.model_dir),
-            hf_cache_dirs=(RUNPOD_HF_CACHE,),
             precision_mode=env.choice("PRECISION_MODE", cls.precision_mode, PRECISION_MODES),
             use_lightning_lora=env.boolean("USE_LIGHTNING_LORA", cls.use_lightning_lora),
             lightning_steps=steps,

@@ -38,6 +38,10 @@ FIELD_RULES: dict[str, str] = {
 }
 
 
+# What one item of a list field allows.
+ITEM_RULES: dict[str, str] = {"images": "an image URL, a base64 string or a data URI"}
+
+
 class InputError(ValueError):
     """The job input is not acceptable; the message is the sentence the client sees."""
 
@@ -96,8 +100,10 @@ def _sentence(error: dict) -> str:
     rule = FIELD_RULES.get(field, "valid")
     if error["type"] == "missing":
         return f"Input field '{field}' is required: it must be {rule}."
-    where = f"'{field}'" if len(loc) == 1 else f"'{field}' item {loc[1]}"
-    return f"Input field {where} must be {rule}; got {_shown(error.get('input'))}."
+    if len(loc) > 1:
+        item_rule = ITEM_RULES.get(field, rule)
+        return f"Input field '{field}' item {loc[1]} must be {item_rule}; got {_shown(error.get('input'))}."
+    return f"Input field '{field}' must be {rule}; got {_shown(error.get('input'))}."
 
 
 def _shown(value: Any) -> str:

@@ -73,7 +73,9 @@ def test_bad_values_name_the_field_and_what_it_allows(field, value):
 
 
 def test_bad_list_item_is_located():
-    assert "'images' item 1" in refused({"prompt": "x", "images": ["aGk=", 7]})
+    assert refused({"prompt": "x", "images": ["aGk=", 7]}) == (
+        "Input field 'images' item 1 must be an image URL, a base64 string or a data URI; got 7."
+    )
 
 
 @pytest.mark.parametrize("count", [0, 4])
