@@ -65,6 +65,11 @@ class Settings:
         return self.model_id == TINY_MODEL_ID
 
     @property
+    def uses_bitsandbytes(self) -> bool:
+        """4bit and 8bit quantize at load through bitsandbytes (CUDA only, weights placed by it)."""
+        return self.precision_mode in ("8bit", "4bit")
+
+    @property
     def uploads_to_bucket(self) -> bool:
         return bool(self.bucket_endpoint_url and self.bucket_access_key_id and self.bucket_secret_access_key)
 

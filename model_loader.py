@@ -133,7 +133,7 @@ def resolve_lora_path(settings: Settings) -> str:
 def quantization_config(settings: Settings, dtype: torch.dtype, cpu_offload_int8: bool = False):
     """A diffusers `PipelineQuantizationConfig` for 4bit/8bit, or None (bf16, and fp8, which
     is applied after loading so that Lightning can be fused into the weights first)."""
-    if settings.precision_mode in ("bf16", "fp8"):
+    if not settings.uses_bitsandbytes:
         return None
     from diffusers import BitsAndBytesConfig as DiffusersBnb
     from diffusers import PipelineQuantizationConfig
@@ -274,7 +274,7 @@ def _quantize_fp8(pipe) -> None:
 
 def _check_precision_supported(settings: Settings, device: torch.device) -> None:
     mode = settings.precision_mode
-    if mode in ("8bit", "4bit") and device.type != "cuda":
+    if settings.uses_bitsandbytes and device.type != "cuda":
         raise RuntimeError(f"PRECISION_MODE={mode} needs a CUDA GPU (bitsandbytes); use bf16 here.")
     if mode == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY):
         raise RuntimeError("PRECISION_MODE=fp8 needs a GPU with float8 support (Ada or Hopper, e.g. L40S, H100); use bf16.")
@@ -283,7 +283,7 @@ def _check_precision_supported(settings: Settings, device: torch.device) -> None
 def load_model(settings: Settings) -> LoadedModel:
     device, dtype = resolve_device_and_dtype(settings)
     _check_precision_supported(settings, device)
-    bnb_quantized = settings.precision_mode in ("8bit", "4bit")
+    bnb_quantized = settings.uses_bitsandbytes
     pipe = _load_pipeline(settings, resolve_model_path(settings), dtype)
     pipe.set_progress_bar_config(disable=True)
     if settings.use_lightning_lora:

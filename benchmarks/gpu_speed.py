@@ -43,6 +43,7 @@ from config import Settings  # noqa: E402
 from engine import EditEngine, EditRequest  # noqa: E402
 from images import encode_image, load_images  # noqa: E402
 from model_loader import LIGHTNING_SCHEDULER_CONFIG, LoadedModel  # noqa: E402
+from model_loader import _quantize_fp8 as quantize_fp8  # noqa: E402
 from service import EditService  # noqa: E402
 
 # Qwen-Image-Edit's own scheduler configuration (used without Lightning).
@@ -151,17 +152,6 @@ def quantize_nf4(pipe) -> None:
                     q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(module, child_name, q)
         torch.cuda.empty_cache()
-
-
-def quantize_fp8(pipe) -> None:
-    """float8 weights and dynamic float8 activations, per row, for the transformer's linears
-    (torchao, as diffusers' TorchAoConfig applies it at load)."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    start = time.perf_counter()
-    quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-    torch.cuda.empty_cache()
-    print(f"transformer to fp8 in {time.perf_counter() - start:.0f} s: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
 
 
 def input_png(side: int, seed: int) -> str:
@@ -293,7 +283,8 @@ def main() -> None:
     compiled = fp8 = False
     for variant in ["stock", *variants]:
         if variant.startswith("fp8") and not fp8:
-            quantize_fp8(pipe)
+            quantize_fp8(pipe)  # the production loader's own fp8 step
+            print(f"transformer in fp8: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
             fp8 = True
         if variant.startswith(("compiled", "fp8")) and not compiled:
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
