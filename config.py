@@ -125,8 +125,20 @@ class Settings:
 
 def export_library_settings(settings: Settings) -> None:
     """Environment that libraries read themselves: keep torch.compile's cache with the weights,
-    so that a restarted worker on the same volume does not compile again."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(settings.model_dir, "torchinductor"))
+    so that a restarted worker on the same volume does not compile again. A cache directory
+    the user chose is kept; torch's own default is not a choice (importing diffusers writes
+    it into the environment), so it is replaced."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or current == _inductor_default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(settings.model_dir, "torchinductor")
+
+
+def _inductor_default_cache_dir() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch layout: only an unset variable is replaced
+        return None
+    return os.path.abspath(default_cache_dir())
 
 
 def attention_backends() -> tuple[str, ...]:

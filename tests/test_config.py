@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from config import ConfigError, Settings, default_lightning_weight, variable_names
+from config import ConfigError, Settings, default_lightning_weight, export_library_settings, variable_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,6 +76,23 @@ def test_variable_names_lists_every_read():
     names = variable_names()
     assert {"MODEL_ID", "PRECISION_MODE", "MAX_CONCURRENCY", "ALLOW_PRIVATE_IMAGE_URLS"} <= set(names)
     assert len(names) == len(set(names))
+
+
+def test_compile_cache_goes_to_the_model_volume_even_after_torch_filled_in_its_default(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cache_dir()  # what importing diffusers does: torch writes its /tmp default into the environment
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] != str(tmp_path / "torchinductor")
+    export_library_settings(Settings.from_env({"MODEL_DIR": str(tmp_path)}))
+    assert cache_dir() == str(tmp_path / "torchinductor")  # where inductor now writes
+    assert (tmp_path / "torchinductor").is_dir()
+
+
+def test_a_compile_cache_directory_the_user_chose_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    export_library_settings(Settings.from_env({"MODEL_DIR": str(tmp_path / "volume")}))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
 def test_only_config_reads_the_environment():
