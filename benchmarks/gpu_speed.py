@@ -185,7 +185,9 @@ def stock_one_at_a_time(pipe, jobs: list[dict], settings: Settings) -> tuple[flo
     return time.perf_counter() - start, latencies
 
 
-def worker_all_at_once(service: EditService, jobs: list[dict]) -> tuple[float, list[float], list[int]]:
+def worker_all_at_once(service: EditService, jobs: list[dict]) -> tuple[float, list[float], list[dict]]:
+    """Wall time, each job's latency, and each job's response (batch size, stage timings)."""
+
     async def scenario():
         start = time.perf_counter()
         latencies: list[float] = []
@@ -194,10 +196,10 @@ def worker_all_at_once(service: EditService, jobs: list[dict]) -> tuple[float, l
             result = await service.handle(job)
             assert "error" not in result, result["error"]
             latencies.append(time.perf_counter() - start)
-            return result["batch_size"]
+            return result
 
-        sizes = await asyncio.gather(*(one(job) for job in jobs))
-        return time.perf_counter() - start, latencies, list(sizes)
+        results = await asyncio.gather(*(one(job) for job in jobs))
+        return time.perf_counter() - start, latencies, list(results)
 
     return asyncio.run(scenario())
 
@@ -225,7 +227,7 @@ def run_variant(variant, name, pipe, model, settings, jobs, warm, count, referen
         stock_one_at_a_time(pipe, [warm], settings)
         reset_peak()
         elapsed, latencies = stock_one_at_a_time(pipe, jobs, settings)
-        sizes, error = [1] * count, None
+        sizes, error, stages = [1] * count, None, {}
         reference_images[name] = engine_image(settings, model, jobs[0])
     else:
         service = EditService(settings, holder=Preloaded(model))
@@ -234,22 +236,27 @@ def run_variant(variant, name, pipe, model, settings, jobs, warm, count, referen
         # sizes it tries, so that the timed pass runs on what was learned, as a worker that
         # has been up for a while does.
         for round_ in range(WARM_PASSES if settings.max_batch_size > 1 else 1):
-            worker_all_at_once(service, [dict(j, id=f"warm-{round_}-{k}") for k, j in enumerate(jobs)])
+            _, _, results = worker_all_at_once(service, [dict(j, id=f"warm-{round_}-{k}") for k, j in enumerate(jobs)])
+            print(f"  {variant} {name}: warm pass {round_ + 1}, each job's batch size: {[r['batch_size'] for r in results]}", flush=True)
         print(f"  {variant} {name}: warm-up (compile, cost learning) took {time.perf_counter() - warm_start:.0f} s", flush=True)
         reset_peak()
-        elapsed, latencies, sizes = worker_all_at_once(service, jobs)
+        elapsed, latencies, results = worker_all_at_once(service, jobs)
+        sizes = [r["batch_size"] for r in results]
+        print(f"  {variant} {name}: timed pass, each job's batch size: {sizes}", flush=True)
+        stages = {s: statistics.median(r["timings_ms"][s] for r in results) for s in ("encode", "denoise", "decode")}
         service.close()
         error = relative_error(engine_image(settings, model, jobs[0]), reference_images[name])
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     return {"scenario": name, "variant": variant, "images_per_s": count / elapsed, "p50_s": statistics.median(latencies),
-            "p95_s": q[18], "peak_gib": peak, "mean_batch": statistics.mean(sizes), "rel_error_vs_eager": error}  # fmt: skip
+            "p95_s": q[18], "peak_gib": peak, "mean_batch": statistics.mean(sizes), "rel_error_vs_eager": error,
+            "stage_ms": stages, "steps": jobs[0]["input"]["num_inference_steps"]}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenarios", default="lightning1024,batch512,cfg1024")
-    parser.add_argument("--variants", default="eager,compiled", help="B variants: eager, compiled, compiled-alone (MAX_BATCH_SIZE=1), fp8, fp8-alone, cfgbatch, cudnn")
+    parser.add_argument("--variants", default="eager,compiled", help="B variants, in this order: eager, eager-alone (MAX_BATCH_SIZE=1), compiled, compiled-alone, cfgbatch, fp8, fp8-alone, cudnn")
     parser.add_argument("--out", default=".")
     parser.add_argument("--tiny", action="store_true", help="smoke-test this script on CPU with the tiny model")
     parser.add_argument("--warm-passes", type=int, default=2, help="untimed passes over the jobs before B is timed")
@@ -258,6 +265,11 @@ def main() -> None:
     WARM_PASSES = args.warm_passes
     scenarios = args.scenarios.split(",")
     variants = args.variants.split(",")
+    # Compiling, fp8 and cuDNN attention change the shared pipeline for good, so they come last.
+    stage = [3 if v == "cudnn" else 2 if v.startswith("fp8") else 1 if v.startswith(("compiled", "cfgbatch")) else 0
+             for v in variants]  # fmt: skip
+    if stage != sorted(stage):
+        parser.error("list variants in this order: eager ones, compiled and cfgbatch, fp8, cudnn")
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if args.tiny:
@@ -286,7 +298,7 @@ def main() -> None:
             quantize_fp8(pipe)  # the production loader's own fp8 step
             print(f"transformer in fp8: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
             fp8 = True
-        if variant.startswith(("compiled", "fp8")) and not compiled:
+        if variant.startswith(("compiled", "cfgbatch", "fp8")) and not compiled:
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
             compiled = True
         env = dict(base_env, CFG_BATCHING=str(variant == "cfgbatch"),
@@ -319,6 +331,14 @@ def main() -> None:
         err = "-" if r["rel_error_vs_eager"] is None else f"{r['rel_error_vs_eager']:.1e}"
         print(f"| {r['scenario']} | {r['variant']} | {r['images_per_s']:.3f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
               f"{r['peak_gib']:.1f} | {r['mean_batch']:.1f} | {r['images_per_s'] / stock.get(r['scenario'], math.nan):.2f} | {err} |")  # fmt: skip
+    print("\nStages of B's timed pass (median over jobs, per GPU batch, the GPU synchronised at each boundary):\n")
+    print("| scenario | variant | encode ms | denoise ms | ms per transformer forward | decode ms |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if r["stage_ms"]:
+            st, passes = r["stage_ms"], r["steps"] * (2 if SCENARIOS[r["scenario"]][3] > 1 else 1)
+            print(f"| {r['scenario']} | {r['variant']} | {st['encode']:.0f} | {st['denoise']:.0f} | "
+                  f"{st['denoise'] / passes:.0f} | {st['decode']:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
