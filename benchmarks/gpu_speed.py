@@ -256,7 +256,7 @@ def run_variant(variant, name, pipe, model, settings, jobs, warm, count, referen
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenarios", default="lightning1024,batch512,cfg1024")
-    parser.add_argument("--variants", default="eager,compiled", help="B variants, in this order: eager, eager-alone (MAX_BATCH_SIZE=1), compiled, compiled-alone, cfgbatch, fp8, fp8-alone, cudnn")
+    parser.add_argument("--variants", default="eager,compiled", help="B variants, in this order: eager, eager-alone (MAX_BATCH_SIZE=1), compiled, compiled-alone, cfgbatch, fp8, fp8-alone, cudnn, cudnn-alone (cuDNN attention; compiled if a compiled variant came first)")
     parser.add_argument("--out", default=".")
     parser.add_argument("--tiny", action="store_true", help="smoke-test this script on CPU with the tiny model")
     parser.add_argument("--warm-passes", type=int, default=2, help="untimed passes over the jobs before B is timed")
@@ -266,7 +266,7 @@ def main() -> None:
     scenarios = args.scenarios.split(",")
     variants = args.variants.split(",")
     # Compiling, fp8 and cuDNN attention change the shared pipeline for good, so they come last.
-    stage = [3 if v == "cudnn" else 2 if v.startswith("fp8") else 1 if v.startswith(("compiled", "cfgbatch")) else 0
+    stage = [3 if v.startswith("cudnn") else 2 if v.startswith("fp8") else 1 if v.startswith(("compiled", "cfgbatch")) else 0
              for v in variants]  # fmt: skip
     if stage != sorted(stage):
         parser.error("list variants in this order: eager ones, compiled and cfgbatch, fp8, cudnn")
@@ -303,9 +303,9 @@ def main() -> None:
             compiled = True
         env = dict(base_env, CFG_BATCHING=str(variant == "cfgbatch"),
                    MAX_BATCH_SIZE="1" if variant.endswith("-alone") else base_env["MAX_BATCH_SIZE"],
-                   ATTENTION_BACKEND="_native_cudnn" if variant == "cudnn" else "native")  # fmt: skip
+                   ATTENTION_BACKEND="_native_cudnn" if variant.startswith("cudnn") else "native")  # fmt: skip
         settings = Settings.from_env(env)
-        if variant == "cudnn":
+        if variant.startswith("cudnn"):
             pipe.transformer.set_attention_backend("_native_cudnn")
         for name in scenarios:
             side, count, steps, cfg, lightning, precision = SCENARIOS[name]
