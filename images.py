@@ -13,6 +13,7 @@ import binascii
 import io
 import ipaddress
 import socket
+import ssl
 import time
 import urllib.parse
 from typing import Iterable
@@ -195,6 +196,11 @@ def _read_limited(response, n: int, settings: Settings, deadline: float) -> byte
         chunks.append(chunk)
 
 
-def _reason(error: Exception) -> str:
+def _reason(error: BaseException) -> str:
+    cause: BaseException | None = error
+    while cause is not None:  # an untrusted certificate is the cause of urllib3's SSLError
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"the server's TLS certificate was refused ({cause.verify_message})"
+        cause = cause.__cause__ or cause.__context__
     reason = getattr(error, "reason", None) or error
     return str(reason).split(": ", 1)[-1][:120]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,9 +12,11 @@ Route = Callable[[BaseHTTPRequestHandler], None]
 
 
 class ImageServer:
-    def __init__(self, host: str = "127.0.0.1"):
+    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None):
+        """With `tls`, it speaks HTTPS and records the SNI name each client sent in `sni`."""
         self.routes: dict[str, Route] = {}
         self.hits: list[str] = []
+        self.sni: list[str | None] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -30,6 +33,10 @@ class ImageServer:
 
         self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True
+        if tls is not None:
+            tls.sni_callback = lambda sock, name, context: self.sni.append(name)
+            # A failed handshake makes accept() raise an OSError, which the server ignores.
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 

@@ -264,3 +264,58 @@ def test_the_host_header_keeps_the_requested_name(monkeypatch, loopback_is_publi
 def test_too_many_redirects(server):
     server.redirect("/loop", "/loop")
     assert "redirected more than 5 times" in error_of(server.url("/loop"))
+
+
+# ----------------------------------------------------------------- HTTPS
+# A loopback HTTPS server with certificates from a throwaway authority, trusted through
+# SSL_CERT_FILE (OpenSSL's default trust store, which the fetch loads): the same client
+# code that talks to public hosts.
+
+
+@pytest.fixture(scope="module")
+def authorities(tmp_path_factory):
+    from tests.pki import Authority
+
+    directory = tmp_path_factory.mktemp("pki")
+    return Authority(directory, "trusted-test-ca"), Authority(directory, "unknown-test-ca")
+
+
+def https_server(authority, certificate_name: str) -> ImageServer:
+    server = ImageServer("127.0.0.1", tls=authority.server_context(certificate_name))
+    server.serve_bytes("/a.png", png_bytes(random_image(7, 5)))
+    return server
+
+
+def test_https_connects_to_the_checked_address_and_checks_the_certificate_against_the_name(
+    monkeypatch, loopback_is_public_except_127_0_0_2, authorities
+):
+    trusted, _ = authorities
+    monkeypatch.setenv("SSL_CERT_FILE", trusted.cert_file)
+    server = https_server(trusted, "images.example")
+    try:
+        asked = fake_resolver(monkeypatch, {"images.example": ["127.0.0.1"]})
+        (image,) = images.load_images([f"https://images.example:{server.port}/a.png"], STRICT)
+        assert image.size == (7, 5) and asked == ["images.example"]
+        assert server.sni == ["images.example"]  # SNI carries the name, not the address connected to
+        assert server.hits == ["/a.png"]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("case", ["certificate for another name", "unknown authority"])
+def test_https_refuses_a_certificate_that_does_not_prove_the_name(
+    monkeypatch, loopback_is_public_except_127_0_0_2, authorities, case
+):
+    trusted, unknown = authorities
+    monkeypatch.setenv("SSL_CERT_FILE", trusted.cert_file)
+    if case == "certificate for another name":
+        server, reason = https_server(trusted, "other.example"), "hostname 'images.example' doesn't match 'other.example'"
+    else:
+        server, reason = https_server(unknown, "images.example"), "the server's TLS certificate was refused (unable to get"
+    try:
+        fake_resolver(monkeypatch, {"images.example": ["127.0.0.1"]})
+        message = error_of(f"https://images.example:{server.port}/a.png", STRICT)
+        assert message.startswith(f"Input image 1 could not be downloaded: {reason}"), message
+        assert server.hits == []  # no request was sent over the unproven connection
+    finally:
+        server.close()
