@@ -87,34 +87,31 @@ def test_a_lone_request_leaves_after_max_wait():
     assert 0.15 <= waited < 2
 
 
-def test_batches_never_exceed_max_size_and_sizes_count_images():
+def batches_formed_behind_a_busy_gpu(max_batch_size: int, jobs: list[tuple[Job, int]]) -> list[list[str]]:
+    """Queue `jobs` (each with its slot count) while the GPU is busy, release it, and return
+    the batches they ran in."""
     engine = FakeEngine()
-    batcher = make(engine, max_batch_size=4, max_wait_s=0.05)
+    batcher = make(engine, max_batch_size=max_batch_size, max_wait_s=0.05)
 
     async def scenario():
         blocker = await hold_gpu(batcher, engine)
-        futures = [batcher.submit(Job(n), size=s) for n, s in [("a", 2), ("b", 1), ("c", 2), ("d", 1), ("e", 4)]]
+        futures = [batcher.submit(job, size=size) for job, size in jobs]
         engine.gate.set()
         await blocker
         return await asyncio.gather(*futures)
 
     run(scenario())
-    assert engine.batches[1:] == [["a", "b"], ["c", "d"], ["e"]]
+    return engine.batches[1:]
+
+
+def test_batches_never_exceed_max_size_and_sizes_count_images():
+    jobs = [(Job(n), s) for n, s in [("a", 2), ("b", 1), ("c", 2), ("d", 1), ("e", 4)]]
+    assert batches_formed_behind_a_busy_gpu(4, jobs) == [["a", "b"], ["c", "d"], ["e"]]
 
 
 def test_keys_never_mix_and_the_oldest_ready_group_goes_first():
-    engine = FakeEngine()
-    batcher = make(engine, max_batch_size=2, max_wait_s=0.05)
-
-    async def scenario():
-        blocker = await hold_gpu(batcher, engine)
-        futures = [batcher.submit(Job(n, key=k)) for n, k in [("x1", "x"), ("y1", "y"), ("x2", "x"), ("y2", "y"), ("x3", "x")]]
-        engine.gate.set()
-        await blocker
-        return await asyncio.gather(*futures)
-
-    run(scenario())
-    assert engine.batches[1:] == [["x1", "x2"], ["y1", "y2"], ["x3"]]
+    jobs = [(Job(n, key=k), 1) for n, k in [("x1", "x"), ("y1", "y"), ("x2", "x"), ("y2", "y"), ("x3", "x")]]
+    assert batches_formed_behind_a_busy_gpu(2, jobs) == [["x1", "x2"], ["y1", "y2"], ["x3"]]
 
 
 def test_one_failing_request_fails_alone():
