@@ -18,11 +18,31 @@ from config import ConfigError, Settings
 
 log = logging.getLogger("qwen_edit_worker")
 
+
+
+def _exit(code: int, message: str | None = None) -> None:
+    """Leave the process now, with `code`: the one way this worker exits.
+
+    `os._exit` after flushing, because a normal interpreter exit runs the C++ static
+    destructors of torch and its libraries while daemon threads (the GPU thread, thread
+    pools) may still be inside them, which can abort ("terminate called without an
+    active exception") instead of returning `code`.
+    """
+    if message:
+        print(message, file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 try:
     SETTINGS = Settings.from_env()
 except ConfigError as config_error:
     # Stop before taking any job: a worker with a bad setting would fail every job.
-    sys.exit(f"qwen-edit-worker: invalid configuration: {config_error}")
+    if __name__ != "__main__":
+        raise
+    _exit(1, f"qwen-edit-worker: invalid configuration: {config_error}")
 
 _service = None
 
@@ -47,9 +67,21 @@ def _retire(failure: Exception) -> None:
 
     SIGTERM makes RunPod's JobScaler stop taking jobs and drain the ones it holds (each gets
     the error with `refresh_worker`, so RunPod replaces this worker); then `start` returns.
+    Before the JobScaler has taken over SIGTERM, `_stop_before_serving` handles it.
     """
     log.error("retiring this worker: %s", failure)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _StopBeforeServing(BaseException):
+    """SIGTERM arrived before RunPod's worker loop installed its own handler.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way
+    (runpod's start-up included) swallows it."""
+
+
+def _stop_before_serving(signum, frame) -> None:
+    raise _StopBeforeServing()
 
 
 async def handler(job: dict) -> dict:
@@ -61,14 +93,31 @@ def concurrency_modifier(current_concurrency: int) -> int:
     return SETTINGS.max_concurrency
 
 
+def _serve() -> int:
+    """Run the worker until RunPod stops it; the exit code."""
+    # Until RunPod's JobScaler installs its handler, SIGTERM (from RunPod, or from `_retire`
+    # when the model fails to load early) stops the start-up instead of killing the process.
+    signal.signal(signal.SIGTERM, _stop_before_serving)
+    try:
+        _get_service()  # starts loading the model while the worker connects to RunPod
+        # On SIGTERM RunPod's JobScaler stops taking jobs and waits for the ones it holds;
+        # then start() returns and the batcher finishes anything left.
+        runpod.serverless.start({"handler": handler, "concurrency_modifier": concurrency_modifier})
+        return 0
+    except _StopBeforeServing:
+        log.info("stopped before the worker loop started")
+        return 0
+    except SystemExit as done:  # runpod's local test mode (--test_input) ends with sys.exit
+        return done.code if isinstance(done.code, int) else 1
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _get_service()  # starts loading the model while the worker connects to RunPod
-    # On SIGTERM RunPod's JobScaler stops taking jobs and waits for the ones it holds;
-    # then start() returns and the batcher finishes anything left before the exit (code 0).
-    runpod.serverless.start({"handler": handler, "concurrency_modifier": concurrency_modifier})
+    exit_code = _serve()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the drain
     service = _get_service()
     service.close()
     if service.batcher.failure is not None:
-        sys.exit(f"qwen-edit-worker: stopped because {service.batcher.failure}")
-    log.info("worker stopped cleanly")
+        _exit(1, f"qwen-edit-worker: stopped because {service.batcher.failure}")
+    log.info("worker stopped (exit code %d)", exit_code)
+    _exit(exit_code)

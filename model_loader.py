@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 
 from config import Settings, export_library_settings
+from devices import check_precision_supported, resolve_device_and_dtype
 
 log = logging.getLogger("qwen_edit_worker.model")
 
@@ -69,17 +70,6 @@ def _timed(what: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     log.info("%s took %.2f s", what, time.perf_counter() - start)
-
-
-def resolve_device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
-    """bf16 where the GPU supports it, fp16 where it does not, fp32 on CPU."""
-    if not torch.cuda.is_available():
-        log.info("no CUDA device: running on CPU in float32")
-        return torch.device("cpu"), torch.float32
-    if torch.cuda.is_bf16_supported():
-        return torch.device("cuda"), torch.bfloat16
-    log.warning("GPU %s has no bfloat16 support: switching to float16", torch.cuda.get_device_name())
-    return torch.device("cuda"), torch.float16
 
 
 def _from_caches(fetch, cache_dirs: list[str | None], what: str) -> str:
@@ -261,9 +251,6 @@ def _apply_memory_options(pipe, settings: Settings) -> None:
         log.info("VAE slicing on")
 
 
-FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper have float8 matrix units
-
-
 def _quantize_fp8(pipe) -> None:
     """float8 weights and dynamic per-row float8 activations for the transformer (torchao)."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
@@ -272,17 +259,9 @@ def _quantize_fp8(pipe) -> None:
         quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
 
 
-def _check_precision_supported(settings: Settings, device: torch.device) -> None:
-    mode = settings.precision_mode
-    if settings.uses_bitsandbytes and device.type != "cuda":
-        raise RuntimeError(f"PRECISION_MODE={mode} needs a CUDA GPU (bitsandbytes); use bf16 here.")
-    if mode == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY):
-        raise RuntimeError("PRECISION_MODE=fp8 needs a GPU with float8 support (Ada or Hopper, e.g. L40S, H100); use bf16.")
-
-
 def load_model(settings: Settings) -> LoadedModel:
     device, dtype = resolve_device_and_dtype(settings)
-    _check_precision_supported(settings, device)
+    check_precision_supported(settings, device)
     bnb_quantized = settings.uses_bitsandbytes
     pipe = _load_pipeline(settings, resolve_model_path(settings), dtype)
     pipe.set_progress_bar_config(disable=True)

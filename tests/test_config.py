@@ -110,6 +110,6 @@ def test_worker_refuses_to_start_with_a_bad_precision_mode():
         [sys.executable, "handler.py", "--test_input", '{"input": {"prompt": "x"}}'],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
-    assert done.returncode != 0
+    assert done.returncode == 1
     assert "PRECISION_MODE" in done.stderr and "bogus" in done.stderr
     assert "Starting Serverless Worker" not in done.stdout
