@@ -43,7 +43,7 @@ class Settings:
     vae_slicing: bool = False
     reference_image_area: int = STOCK_REFERENCE_AREA
     batch_cfg: bool = False
-    compile_transformer: bool = True
+    compile_transformer: bool | None = None  # None: auto (on a GPU)
     max_concurrency: int = 8
     max_batch_size: int = 4
     batch_wait_ms: int = 50
@@ -104,7 +104,7 @@ class Settings:
             reference_image_area=env.integer("REFERENCE_IMAGE_AREA", reference_default, 64 * 64, 2048 * 2048),
             # Two batches' worth: one batch runs on the GPU while the next one fills.
             batch_cfg=env.boolean("CFG_BATCHING", cls.batch_cfg),
-            compile_transformer=env.boolean("COMPILE_TRANSFORMER", cls.compile_transformer),
+            compile_transformer=env.auto_boolean("COMPILE_TRANSFORMER"),
             max_concurrency=env.integer("MAX_CONCURRENCY", 2 * max_batch, 1, 256),
             max_batch_size=max_batch,
             batch_wait_ms=env.integer("BATCH_WAIT_MS", cls.batch_wait_ms, 0, 10_000),
@@ -183,6 +183,15 @@ class _Env:
         if raw.lower() in _FALSE:
             return False
         raise ConfigError(f"{name} must be true or false (also 1/0, yes/no, on/off); got {raw!r}.")
+
+    def auto_boolean(self, name: str) -> bool | None:
+        """true, false, or auto (None): the worker decides."""
+        raw = self._raw(name)
+        if raw is None or raw.lower() == "auto":
+            return None
+        if raw.lower() in _TRUE | _FALSE:
+            return raw.lower() in _TRUE
+        raise ConfigError(f"{name} must be auto, true or false (also 1/0, yes/no, on/off); got {raw!r}.")
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         raw = self._raw(name)

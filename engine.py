@@ -113,13 +113,15 @@ class EditEngine:
         )
 
     def warm_up(self) -> None:
-        """Compile for the most common shape (1024² output, one 1024² reference) before the
-        first job; two prompt lengths, so that later lengths reuse one dynamic-shape graph."""
-        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
+        """Compile for the most common shape (the default output size, one square reference)
+        before the first job; two prompt lengths, so that later lengths reuse one
+        dynamic-shape graph."""
+        side = round_to_multiple(int(self.default_output_area**0.5))
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
         for prompt in ("warm up", "warm up the compiled transformer with a somewhat longer prompt"):
             start = time.perf_counter()
             edit = EditRequest(prompt=prompt, images=(image,), seed=0, num_inference_steps=1,
-                               true_cfg_scale=self._settings.default_true_cfg_scale, width=1024, height=1024)  # fmt: skip
+                               true_cfg_scale=self._settings.default_true_cfg_scale, width=side, height=side)  # fmt: skip
             self.run_batch([edit])
             log.info("warm-up edit took %.1f s", time.perf_counter() - start)
 

@@ -20,7 +20,8 @@ from typing import Iterator
 
 import torch
 
-from config import Settings, export_library_settings
+from compilation import compile_transformer, should_compile
+from config import Settings
 from devices import check_precision_supported, resolve_device_and_dtype
 
 log = logging.getLogger("qwen_edit_worker.model")
@@ -272,28 +273,15 @@ def load_model(settings: Settings) -> LoadedModel:
     if settings.precision_mode == "fp8":
         _quantize_fp8(pipe)
     _apply_memory_options(pipe, settings)
-    compiled = _maybe_compile(pipe, settings, device, bnb_quantized, offload)
+    compiled = should_compile(settings, device, bnb_quantized, offload)
+    if compiled:
+        compile_transformer(pipe, settings)
     precision = (
         settings.precision_mode
         if settings.precision_mode != "bf16"
         else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     )
     return LoadedModel(pipe, device, dtype, precision, settings.use_lightning_lora, offload, compiled)
-
-
-def _maybe_compile(pipe, settings: Settings, device: torch.device, bnb_quantized: bool, offload: str) -> bool:
-    """Regional torch.compile of the transformer blocks (measured ×1.2–1.26 on an H200, fp8 included)."""
-    if not settings.compile_transformer or device.type != "cuda":
-        return False
-    if bnb_quantized or offload != "none":
-        # Not measured with bitsandbytes layers or offload hooks: keep those paths eager.
-        log.info("COMPILE_TRANSFORMER skipped: only the unquantized, non-offloaded path is compiled")
-        return False
-    export_library_settings(settings)  # the inductor cache lives in MODEL_DIR
-    # The 60 identical blocks share one compiled graph.
-    pipe.transformer.compile_repeated_blocks(fullgraph=True)
-    log.info("transformer blocks compiled with torch.compile (regional)")
-    return True
 
 
 class ModelHolder:

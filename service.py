@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+import compilation
 import images
 import outputs
 import schema
@@ -67,8 +68,7 @@ class EditService:
 
     def _start(self) -> None:
         """Load the model (and compile it) as the worker starts, not on the first job."""
-        if self.holder.get().compiled:
-            self.engine.warm_up()
+        compilation.warm_up(self.holder.get(), self.engine.warm_up)
 
     def close(self) -> None:
         """Take no new jobs; finish what is queued and running."""
@@ -81,6 +81,13 @@ class EditService:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise
+        except Exception as error:
+            model = self.holder.get()
+            if not (model.compiled and compilation.is_compile_failure(error)):
+                raise
+            # A shape the warm-up did not cover failed to compile: serve it (and all later ones) eagerly.
+            compilation.fall_back_to_eager(model, error)
+            return self.engine.run_batch(requests)
 
     async def handle(self, job: dict) -> dict:
         started = time.perf_counter()

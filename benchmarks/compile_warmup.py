@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from config import Settings  # noqa: E402
 from engine import EditEngine, EditRequest  # noqa: E402
 from gpu_speed import build_pipeline  # noqa: E402
-from model_loader import LoadedModel, _maybe_compile, _quantize_fp8  # noqa: E402
+from compilation import compile_transformer, should_compile  # noqa: E402
+from model_loader import LoadedModel, _quantize_fp8  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +47,9 @@ def main() -> None:
     if args.fp8:
         _quantize_fp8(pipe)
     device = torch.device("cuda")
-    compiled = _maybe_compile(pipe, settings, device, bnb_quantized=False, offload="none")
+    compiled = should_compile(settings, device, bnb_quantized=False, offload="none")
+    if compiled:
+        compile_transformer(pipe, settings)
     model = LoadedModel(pipe, device, torch.bfloat16, settings.precision_mode, True, "none", compiled)
     engine = EditEngine(settings, lambda: model)
 

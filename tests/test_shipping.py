@@ -32,6 +32,10 @@ def test_dockerfile_installs_requirements_and_runs_the_handler():
     assert re.search(r'^CMD \["python", "-u", "handler.py"\]$', text, re.M)
     assert re.search(r"^COPY \*\.py test_input\.json \./$", text, re.M)  # every module ships
     assert "tests" in (ROOT / ".dockerignore").read_text().split()
+    # triton (torch.compile on a GPU) compiles a C launcher at run time; --no-install-recommends
+    # leaves out libc6-dev unless it is named.
+    packages = re.search(r"apt-get install -y --no-install-recommends ([^\\&]+)", text).group(1).split()
+    assert {"gcc", "libc6-dev", "python3-dev"} <= set(packages)
     for downloader in ("snapshot_download", "hf_hub_download", "huggingface-cli", "hf download"):
         assert downloader not in text  # no weights in the image
 

@@ -1,0 +1,72 @@
+"""Regional torch.compile of the transformer, and the fall-back to eager when compiling fails.
+
+Compiling needs a working toolchain at run time: inductor builds C++ kernels on a CPU, and
+triton builds a small C launcher on a GPU (a C compiler and the Python headers). A worker
+whose compile fails must still serve, eagerly: it logs one warning and carries on, rather
+than retiring a worker whose replacement would fail the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from config import Settings, export_library_settings
+
+log = logging.getLogger("qwen_edit_worker.compile")
+
+
+def should_compile(settings: Settings, device: torch.device, bnb_quantized: bool, offload: str) -> bool:
+    """COMPILE_TRANSFORMER=auto compiles where it was measured to pay (a GPU); true also on a CPU.
+    bitsandbytes layers and offload hooks were never measured compiled: those stay eager."""
+    if settings.compile_transformer is False:
+        return False
+    if settings.compile_transformer is None and device.type != "cuda":
+        return False
+    if bnb_quantized or offload != "none":
+        log.info("COMPILE_TRANSFORMER skipped: only the unquantized, non-offloaded path is compiled")
+        return False
+    return True
+
+
+def compile_transformer(pipe, settings: Settings) -> None:
+    """Regional compile: the 60 identical blocks share one compiled graph. torch compiles
+    lazily, on the first forward, which is what the warm-up is for."""
+    export_library_settings(settings)  # the inductor cache lives in MODEL_DIR
+    pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    log.info("transformer blocks set up for torch.compile (regional); compiling on the warm-up edit")
+
+
+def uncompile(pipe) -> None:
+    """Undo `compile_repeated_blocks`: each block calls its eager forward again."""
+    for module in pipe.transformer.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def is_compile_failure(error: BaseException) -> bool:
+    """Errors that torch.compile raises (dynamo, inductor, a missing compiler behind them)."""
+    return isinstance(error, torch._dynamo.exc.TorchDynamoException)
+
+
+def fall_back_to_eager(model, error: BaseException) -> None:
+    """Serve with the eager transformer from now on; say so once."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    log.warning("torch.compile failed (%s); serving with the eager transformer instead", reason[:300])
+    uncompile(model.pipe)
+    model.compiled = False
+
+
+def warm_up(model, run: Callable[[], None]) -> None:
+    """Run the warm-up edit; if the compiled transformer fails it, fall back to eager and
+    run it again, so that an error that is not about compiling still stops the start-up."""
+    if not model.compiled:
+        return
+    try:
+        run()
+    except Exception as error:  # a compiler missing, or an inductor or triton error
+        fall_back_to_eager(model, error)
+        run()
