@@ -15,7 +15,10 @@ TINY_MODEL_ID = "tiny-random"
 PRECISION_MODES = ("bf16", "8bit", "4bit", "fp8")
 OFFLOAD_MODES = ("none", "model", "sequential", "auto")
 LIGHTNING_STEP_CHOICES = (4, 8)
-RUNPOD_HF_CACHE = "/runpod-volume/huggingface-cache/hub"
+RUNPOD_VOLUME = "/runpod-volume"  # where RunPod mounts an endpoint's network volume
+RUNPOD_HF_CACHE = "/runpod-volume/huggingface-cache/hub"  # RunPod's model cache (the endpoint's "Model")
+CONTAINER_MODEL_DIR = "/models/qwen_image_edit_2509"
+VOLUME_MODEL_DIR_NAME = "qwen-edit-worker"
 STOCK_REFERENCE_AREA = 1024 * 1024  # what diffusers' pipeline encodes references at
 TINY_REFERENCE_AREA = 64 * 64
 
@@ -30,7 +33,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     model_id: str = "Qwen/Qwen-Image-Edit-2509"
-    model_dir: str = "/models/qwen_image_edit_2509"
+    model_dir: str = CONTAINER_MODEL_DIR
     hf_cache_dirs: tuple[str, ...] = (RUNPOD_HF_CACHE,)
     precision_mode: str = "bf16"
     use_lightning_lora: bool = True
@@ -83,7 +86,7 @@ class Settings:
         return 1.0 if self.use_lightning_lora else 4.0
 
     @classmethod
-    def from_env(cls, environ: "Mapping[str, str] | _Env | None" = None) -> "Settings":
+    def from_env(cls, environ: "Mapping[str, str] | _Env | None" = None, runpod_volume: str = RUNPOD_VOLUME) -> "Settings":
         env = environ if isinstance(environ, _Env) else _Env(os.environ if environ is None else environ)
         model_id = env.text("MODEL_ID", cls.model_id)
         steps = env.choice_int("LIGHTNING_STEPS", cls.lightning_steps, LIGHTNING_STEP_CHOICES)
@@ -91,7 +94,7 @@ class Settings:
         reference_default = TINY_REFERENCE_AREA if model_id == TINY_MODEL_ID else STOCK_REFERENCE_AREA
         return cls(
             model_id=model_id,
-            model_dir=env.text("MODEL_DIR", cls.model_dir),
+            model_dir=env.text("MODEL_DIR", default_model_dir(runpod_volume)),
             precision_mode=env.choice("PRECISION_MODE", cls.precision_mode, PRECISION_MODES),
             use_lightning_lora=env.boolean("USE_LIGHTNING_LORA", cls.use_lightning_lora),
             lightning_steps=steps,
@@ -121,6 +124,15 @@ class Settings:
             bucket_name=env.text("BUCKET_NAME", cls.bucket_name),
             max_response_bytes=env.integer("MAX_RESPONSE_BYTES", cls.max_response_bytes, 100_000, 100_000_000),
         )
+
+
+def default_model_dir(runpod_volume: str = RUNPOD_VOLUME) -> str:
+    """On the network volume when one is mounted, so that weights, LoRAs and the compile
+    cache outlive the worker; else on the container disk. (RunPod's model cache lives under
+    the same path but is not a mount of it, so it does not count as a volume.)"""
+    if os.path.ismount(runpod_volume):
+        return os.path.join(runpod_volume, VOLUME_MODEL_DIR_NAME)
+    return CONTAINER_MODEL_DIR
 
 
 def export_library_settings(settings: Settings) -> None:

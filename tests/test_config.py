@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_the_documented_ones():
-    s = Settings.from_env({})
+    s = Settings.from_env({}, runpod_volume="/nonexistent")
     assert s.model_id == "Qwen/Qwen-Image-Edit-2509"
     assert s.model_dir == "/models/qwen_image_edit_2509"
     assert (s.precision_mode, s.use_lightning_lora, s.lightning_steps) == ("bf16", True, 8)
@@ -26,6 +26,14 @@ def test_defaults_are_the_documented_ones():
     assert (s.max_input_images, s.allow_private_image_urls) == (3, False)
     assert s.reference_image_area == 1024 * 1024
     assert (s.default_steps, s.default_true_cfg_scale) == (8, 1.0)
+
+
+def test_model_dir_defaults_to_the_network_volume_when_one_is_mounted(tmp_path):
+    # /proc is a mount point on every Linux machine: it stands for a mounted /runpod-volume.
+    assert Settings.from_env({}, runpod_volume="/proc").model_dir == "/proc/qwen-edit-worker"
+    # A plain directory (RunPod's model cache alone creates /runpod-volume/huggingface-cache) is no volume.
+    assert Settings.from_env({}, runpod_volume=str(tmp_path)).model_dir == "/models/qwen_image_edit_2509"
+    assert Settings.from_env({"MODEL_DIR": "/data/m"}, runpod_volume="/proc").model_dir == "/data/m"
 
 
 def test_lightning_steps_choose_the_weight_file_and_defaults():
