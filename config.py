@@ -162,9 +162,22 @@ def attention_backends() -> tuple[str, ...]:
 
 def variable_names() -> list[str]:
     """Every environment variable `Settings.from_env` reads, in order (for docs and tests)."""
+    return list(variable_specs())
+
+
+def variable_specs() -> dict[str, "VariableSpec"]:
+    """What each variable takes and its default, as `Settings.from_env` reads it with nothing
+    set and no volume mounted (for the RunPod Hub manifest and its test)."""
     env = _Env({})
-    Settings.from_env(env)
-    return env.names
+    Settings.from_env(env, runpod_volume="/nonexistent")
+    return env.specs
+
+
+@dataclass(frozen=True)
+class VariableSpec:
+    kind: str  # "string", "boolean" or "number", as RunPod's Hub names input types
+    default: object
+    options: tuple = ()  # the values allowed, for a choice
 
 
 def default_lightning_weight(steps: int) -> str:
@@ -176,18 +189,22 @@ class _Env:
 
     def __init__(self, environ: Mapping[str, str]):
         self._environ = environ
-        self.names: list[str] = []
+        self.specs: dict[str, VariableSpec] = {}
 
-    def _raw(self, name: str) -> str | None:
-        self.names.append(name)
+    @property
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def _raw(self, name: str, kind: str = "string", default: object = "", options: tuple = ()) -> str | None:
+        self.specs[name] = VariableSpec(kind, default, options)
         value = self._environ.get(name)
         return None if value is None or value.strip() == "" else value.strip()
 
     def text(self, name: str, default: str) -> str:
-        return self._raw(name) or default
+        return self._raw(name, "string", default) or default
 
     def boolean(self, name: str, default: bool) -> bool:
-        raw = self._raw(name)
+        raw = self._raw(name, "boolean", default)
         if raw is None:
             return default
         if raw.lower() in _TRUE:
@@ -198,7 +215,7 @@ class _Env:
 
     def auto_boolean(self, name: str) -> bool | None:
         """true, false, or auto (None): the worker decides."""
-        raw = self._raw(name)
+        raw = self._raw(name, "string", "auto", ("auto", "true", "false"))
         if raw is None or raw.lower() == "auto":
             return None
         if raw.lower() in _TRUE | _FALSE:
@@ -206,7 +223,7 @@ class _Env:
         raise ConfigError(f"{name} must be auto, true or false (also 1/0, yes/no, on/off); got {raw!r}.")
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
-        raw = self._raw(name)
+        raw = self._raw(name, "string", default, allowed)
         if raw is None:
             return default
         if raw.lower() not in allowed:
@@ -214,7 +231,7 @@ class _Env:
         return raw.lower()
 
     def choice_int(self, name: str, default: int, allowed: tuple[int, ...]) -> int:
-        raw = self._raw(name)
+        raw = self._raw(name, "number", default, allowed)
         if raw is None:
             return default
         if not raw.isdigit() or int(raw) not in allowed:
@@ -222,7 +239,7 @@ class _Env:
         return int(raw)
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
-        raw = self._raw(name)
+        raw = self._raw(name, "number", default)
         if raw is None:
             return default
         try:
@@ -234,7 +251,7 @@ class _Env:
         return value
 
     def number(self, name: str, default: float, low: float, high: float) -> float:
-        raw = self._raw(name)
+        raw = self._raw(name, "number", default)
         if raw is None:
             return default
         try:

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from config import variable_names
+from config import Settings, variable_names, variable_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_PACKAGES = {"torch", "torchvision", "diffusers", "transformers", "accelerate", "peft", "bitsandbytes",
@@ -46,12 +46,39 @@ def test_build_script_targets_amd64_and_takes_image_and_tag():
     assert 'image="$1"' in text and 'tag="${2:-latest}"' in text
 
 
-def test_runpod_manifests_use_exactly_configs_variable_names():
+def hub_manifest() -> dict:
+    return json.loads((ROOT / ".runpod" / "hub.json").read_text())
+
+
+def test_hub_offers_every_variable_with_configs_type_default_and_options():
+    specs = variable_specs()
+    entries = {entry["key"]: entry["input"] for entry in hub_manifest()["config"]["env"]}
+    assert sorted(entries) == sorted(specs)
+    for name, spec in specs.items():
+        entry = entries[name]
+        assert entry["type"] == spec.kind, name
+        # An empty string leaves the choice to the worker (MODEL_DIR follows the volume).
+        assert entry["default"] == spec.default or (spec.kind == "string" and entry["default"] == ""), name
+        if spec.options and name != "ATTENTION_BACKEND":  # diffusers has 30 backends; the hub names a few
+            assert sorted(o["value"] for o in entry["options"]) == sorted(spec.options), name
+        for option in entry.get("options", []):
+            assert option["value"] in spec.options, (name, option)
+        assert entry["description"].strip(), name
+
+
+def test_hub_presets_are_valid_settings_and_fit_the_gpus_offered():
+    config = hub_manifest()["config"]
+    sizes = [int(re.search(r"_(\d+)", gpu).group(1)) for gpu in config["gpuIds"].split(",")]
+    for preset in config["presets"]:
+        Settings.from_env({key: str(value) for key, value in preset["defaults"].items()})  # raises if invalid
+        claimed = [int(gb) for gb in re.findall(r"(\d+) GB", preset["name"])]
+        assert all(gb <= min(sizes) for gb in claimed), (preset["name"], sizes)
+    modes = {preset["defaults"]["PRECISION_MODE"] for preset in config["presets"]}
+    assert modes == {"bf16", "fp8", "4bit"}
+
+
+def test_runpod_test_manifest_uses_configs_variables():
     names = set(variable_names())
-    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())
-    hub_keys = {entry["key"] for entry in hub["config"]["env"]}
-    assert hub_keys <= names
-    assert {"MODEL_ID", "PRECISION_MODE", "USE_LIGHTNING_LORA", "LIGHTNING_STEPS", "CPU_OFFLOAD", "MAX_BATCH_SIZE"} <= hub_keys
     tests = json.loads((ROOT / ".runpod" / "tests.json").read_text())
     assert {entry["key"] for entry in tests["config"]["env"]} <= names
     assert tests["tests"] and all("prompt" in t["input"] for t in tests["tests"])
