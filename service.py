@@ -96,6 +96,8 @@ class EditService:
             pictures = await asyncio.to_thread(images.load_images, params.image_sources(), self.settings)
             fetched = time.perf_counter()
             request = self.build_request(params, pictures, self._progress_reporter(job))
+            plan = self.engine.plan(request)
+            outputs.check_fits(request.num_images, plan.width, plan.height, params.output_format, self.settings)
             result = await self.batcher.submit(request, size=request.num_images)
             finished = time.perf_counter()
             response = await asyncio.to_thread(self._respond, job, request, params, result)

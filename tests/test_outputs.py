@@ -6,6 +6,7 @@ import asyncio
 import base64
 import dataclasses
 import io
+import json
 import urllib.request
 
 import boto3
@@ -48,9 +49,9 @@ def test_outputs_are_uploaded_and_returned_as_urls(tiny_env, base_holder, s3_end
     settings = Settings.from_env(tiny_env(BUCKET_ENDPOINT_URL=s3_endpoint, BUCKET_ACCESS_KEY_ID="test",
                                           BUCKET_SECRET_ACCESS_KEY="test", BUCKET_NAME="edits"))  # fmt: skip
     result = handle(settings, base_holder, {**JOB, "num_images": 2})
-    assert "output_image_base64" not in result
+    assert "output_image_base64" not in result and "output_image_url" not in result
     urls = result["images"]
-    assert len(urls) == 2 and result["output_image_url"] == urls[0]
+    assert len(urls) == 2
     assert all(url.startswith(f"{s3_endpoint}/edits/job-1/") and "X-Amz-Signature" in url for url in urls)
     downloaded = [Image.open(io.BytesIO(urllib.request.urlopen(url, timeout=10).read())) for url in urls]
     assert [img.size for img in downloaded] == [(64, 64), (64, 64)]
@@ -61,9 +62,32 @@ def test_outputs_are_uploaded_and_returned_as_urls(tiny_env, base_holder, s3_end
 
 def test_a_result_over_the_payload_limit_fails_with_the_remedies(tiny_env, base_holder):
     settings = Settings.from_env(tiny_env(MAX_RESPONSE_BYTES="100000"))
-    result = handle(settings, base_holder, {**JOB, "width": 512, "height": 512, "num_images": 2})
+    # 2 x 160x160 png is at least 68 kB, under the limit: it is computed, and the encoded noise is larger.
+    result = handle(settings, base_holder, {**JOB, "width": 160, "height": 160, "num_images": 2})
     message = result["error"]
+    assert message.startswith("The result would be") and "timings_ms" not in result
     assert "over the 0.1 MB that RunPod delivers (MAX_RESPONSE_BYTES)" in message
     assert "BUCKET_ENDPOINT_URL" in message and "jpeg or webp" in message and "fewer images" in message
     small = handle(settings, base_holder, JOB)
     assert "error" not in small and small["output_image_base64"]
+
+
+def test_one_image_is_sent_once_in_the_seed_workers_field(tiny_settings, base_holder):
+    result = handle(tiny_settings, base_holder, {**JOB, "width": 256, "height": 256})
+    image = base64.b64decode(result["output_image_base64"])
+    assert "images" not in result and Image.open(io.BytesIO(image)).size == (256, 256)
+    assert len(json.dumps(result)) < 1.05 * len(result["output_image_base64"])  # not twice the image
+
+
+def test_a_result_that_cannot_fit_is_refused_before_the_gpu_runs(tiny_env, base_holder, monkeypatch):
+    settings = Settings.from_env(tiny_env(MAX_RESPONSE_BYTES="1000000"))
+    ran = []
+    monkeypatch.setattr(EditService, "_run_batch", lambda self, requests: ran.append(requests))
+    # 4 x 512x512 png is at least 1.4 MB in base64, whatever the pixels.
+    result = handle(settings, base_holder, {**JOB, "width": 512, "height": 512, "num_images": 4})
+    assert result["error"] == (
+        "4 png image(s) of 512x512 would be at least 1.4 MB, over the 1 MB that RunPod delivers (MAX_RESPONSE_BYTES); "
+        "set BUCKET_ENDPOINT_URL with its credentials to receive URLs, or ask for output_format jpeg or webp, "
+        "fewer images or a smaller size."
+    )
+    assert ran == []
