@@ -22,6 +22,11 @@ VOLUME_MODEL_DIR_NAME = "qwen-edit-worker"
 STOCK_REFERENCE_AREA = 1024 * 1024  # what diffusers' pipeline encodes references at
 TINY_REFERENCE_AREA = 64 * 64
 
+# diffusers attention backends that apply an arbitrary padding mask. The others either raise
+# on a mask (flash, sage, ...) or, the varlen ones, assume the valid keys come first, which
+# Qwen's joint [text | padding | image] layout breaks: with those, texts are never padded.
+MASKED_ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_math", "flex", "xformers")
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -73,6 +78,10 @@ class Settings:
         return self.precision_mode in ("8bit", "4bit")
 
     @property
+    def attention_takes_masks(self) -> bool:
+        return self.attention_backend in MASKED_ATTENTION_BACKENDS
+
+    @property
     def uploads_to_bucket(self) -> bool:
         return bool(self.bucket_endpoint_url and self.bucket_access_key_id and self.bucket_secret_access_key)
 
@@ -92,7 +101,7 @@ class Settings:
         steps = env.choice_int("LIGHTNING_STEPS", cls.lightning_steps, LIGHTNING_STEP_CHOICES)
         max_batch = env.integer("MAX_BATCH_SIZE", cls.max_batch_size, 1, 64)
         reference_default = TINY_REFERENCE_AREA if model_id == TINY_MODEL_ID else STOCK_REFERENCE_AREA
-        return cls(
+        settings = cls(
             model_id=model_id,
             model_dir=env.text("MODEL_DIR", default_model_dir(runpod_volume)),
             precision_mode=env.choice("PRECISION_MODE", cls.precision_mode, PRECISION_MODES),
@@ -124,6 +133,13 @@ class Settings:
             bucket_name=env.text("BUCKET_NAME", cls.bucket_name),
             max_response_bytes=env.integer("MAX_RESPONSE_BYTES", cls.max_response_bytes, 100_000, 100_000_000),
         )
+        if settings.batch_cfg and not settings.attention_takes_masks:
+            raise ConfigError(
+                f"CFG_BATCHING=true pads the negative prompt to the prompt's length, which ATTENTION_BACKEND="
+                f"{settings.attention_backend} cannot mask; use one of {', '.join(MASKED_ATTENTION_BACKENDS)}, "
+                "or CFG_BATCHING=false."
+            )
+        return settings
 
 
 def default_model_dir(runpod_volume: str = RUNPOD_VOLUME) -> str:

@@ -126,8 +126,14 @@ class EditEngine:
             log.info("warm-up edit took %.1f s", time.perf_counter() - start)
 
     def batch_key(self, request: EditRequest) -> Hashable:
-        """Requests with equal keys can share one transformer batch."""
-        return (*self.plan(request).key, request.num_inference_steps, request.do_cfg)
+        """Requests with equal keys can share one transformer batch. With an attention backend
+        that cannot mask padding, only requests whose texts have the same length may: the
+        same prompts and the same condition-image sizes (their vision tokens are text too)."""
+        key = (*self.plan(request).key, request.num_inference_steps, request.do_cfg)
+        if self._settings.attention_takes_masks:
+            return key
+        conditions = tuple(_condition_size(image) for image in request.images)
+        return (*key, conditions, request.prompt, request.negative_prompt if request.do_cfg else None)
 
     @torch.inference_mode()
     def run_batch(self, requests: Sequence[EditRequest]) -> list[EditResult]:
@@ -166,7 +172,7 @@ class EditEngine:
         device = pipe._execution_device
         condition_images, vae_images = [], []
         for image, (ref_w, ref_h) in zip(request.images, plan.reference_sizes):
-            cond_w, cond_h = calculate_dimensions(CONDITION_IMAGE_SIZE, image.size[0] / image.size[1])
+            cond_w, cond_h = _condition_size(image)
             condition_images.append(pipe.image_processor.resize(image, cond_h, cond_w))
             vae_images.append(pipe.image_processor.preprocess(image, ref_h, ref_w).unsqueeze(2))
 
@@ -207,6 +213,9 @@ class EditEngine:
             branches = [("cond", *pad_and_stack(positive, repeats), 1)]
             if do_cfg:
                 branches.append(("uncond", *pad_and_stack(negative, repeats), 1))
+        if not self._settings.attention_takes_masks and any(branch[2] is not None for branch in branches):
+            # batch_key keeps unequal texts apart for such backends: this is a bug, not bad input.
+            raise RuntimeError(f"texts of unequal length reached ATTENTION_BACKEND={self._settings.attention_backend}")
         if do_cfg:
             scale = torch.tensor(
                 [r.true_cfg_scale for r in requests for _ in range(r.num_images)], device=device, dtype=latents.dtype
@@ -256,6 +265,11 @@ class EditEngine:
         std = torch.tensor(vae.config.latents_std).view(view).to(latents.device, latents.dtype)
         pixels = vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
         return pipe.image_processor.postprocess(pixels, output_type="np")
+
+
+def _condition_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) at which the text encoder sees an input image, as the stock pipeline sizes it."""
+    return calculate_dimensions(CONDITION_IMAGE_SIZE, image.size[0] / image.size[1])
 
 
 def _schedule(base_scheduler, steps: int, image_seq_len: int, device: torch.device):

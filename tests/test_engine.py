@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from config import ConfigError, Settings
 from engine import EditRequest, pad_and_stack
 from tests.conftest import random_image
 
@@ -142,3 +143,24 @@ def test_cfg_as_one_batched_forward_matches_two_passes(tiny_settings, base_holde
     edits = [request(cfg=4.0, negative_prompt="blurry, low quality, distorted"), request(prompt="b", seed=3, cfg=2.5)]
     for together, apart in zip(joint.run_batch(edits), engine.run_batch(edits), strict=True):
         assert np.abs(together.images[0] - apart.images[0]).max() < TOLERANCE
+
+
+def test_backends_that_cannot_mask_padding_never_batch_unequal_texts(tiny_env, base_holder):
+    from engine import EditEngine
+
+    flash = EditEngine(Settings.from_env(tiny_env(ATTENTION_BACKEND="flash")), base_holder.get)
+    native = EditEngine(Settings.from_env(tiny_env(ATTENTION_BACKEND="native")), base_holder.get)
+    short, long_ = request(prompt="blue"), request(prompt="make the whole sky a deep shade of blue")
+    assert native.batch_key(short) == native.batch_key(long_)  # padded and masked: may share a batch
+    assert flash.batch_key(short) != flash.batch_key(long_)
+    assert flash.batch_key(short) == flash.batch_key(request(prompt="blue", seed=99))  # same text: batched
+    # Same output and reference sizes, but condition images of other sizes: other vision-token counts.
+    wide = request(images=(random_image(40, 48, seed=3), IMAGE_B))  # 64x64 reference either way
+    assert native.batch_key(wide) == native.batch_key(request())
+    assert flash.batch_key(wide) != flash.batch_key(request())
+
+
+def test_cfg_batching_needs_a_backend_that_masks(tiny_env):
+    with pytest.raises(ConfigError, match="CFG_BATCHING=true pads the negative prompt .* ATTENTION_BACKEND=sage_varlen"):
+        Settings.from_env(tiny_env(ATTENTION_BACKEND="sage_varlen", CFG_BATCHING="true"))
+    assert Settings.from_env(tiny_env(ATTENTION_BACKEND="_native_cudnn", CFG_BATCHING="true")).batch_cfg
