@@ -260,10 +260,11 @@ class EditEngine:
     def _decode(self, pipe, latents: torch.Tensor, plan: _Plan) -> np.ndarray:
         vae = pipe.vae
         latents = pipe._unpack_latents(latents, plan.height, plan.width, pipe.vae_scale_factor).to(vae.dtype)
+        # The stock pipeline's expression, rounding included: divide by the reciprocal std.
         view = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(view).to(latents.device, latents.dtype)
-        std = torch.tensor(vae.config.latents_std).view(view).to(latents.device, latents.dtype)
-        pixels = vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(view).to(latents.device, latents.dtype)
+        pixels = vae.decode(latents / inverse_std + mean, return_dict=False)[0][:, :, 0]
         return pipe.image_processor.postprocess(pixels, output_type="np")
 
 

@@ -23,6 +23,7 @@ import torch
 from compilation import compile_transformer, should_compile
 from config import Settings
 from devices import check_precision_supported, resolve_device_and_dtype
+from loras import load_lora
 
 log = logging.getLogger("qwen_edit_worker.model")
 
@@ -188,7 +189,7 @@ def _load_lightning(pipe, settings: Settings, quantized: bool) -> None:
 
     lora = Path(resolve_lora_path(settings))
     with _timed(f"loading the Lightning LoRA {lora.name}"):
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="lightning")
+        load_lora(pipe, lora, "lightning")
     if quantized:
         log.info("Lightning stays an unfused adapter: the base weights are quantized")
     else:

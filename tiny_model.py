@@ -15,8 +15,15 @@ import torch
 from safetensors.torch import save_file
 
 # Bump when the tiny architecture changes, so cached copies are rebuilt.
-TINY_VERSION = "1"
-TINY_LORA_RANK = 4
+TINY_VERSION = "2"
+TINY_LORA_RANK = 8
+# alpha / rank = 1/8 as in the real Lightning files (rank 64, alpha 8): a loader that ignored
+# alpha would fuse 8 times too much, which a test of the fused weights sees.
+TINY_LORA_ALPHA = 1.0
+# Latent statistics far from mean 0 / std 1 (the real VAE's are per channel too), so that a
+# de-normalisation error changes the decoded images.
+TINY_LATENTS_MEAN = [0.3, -0.5, 0.1, 0.8]
+TINY_LATENTS_STD = [0.6, 1.9, 0.4, 1.3]
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -80,8 +87,8 @@ def build_tiny_pipeline():
         dim_mult=[1, 2, 4],
         num_res_blocks=1,
         temperal_downsample=[False, True],
-        latents_mean=[0.0] * z_dim,
-        latents_std=[1.0] * z_dim,
+        latents_mean=TINY_LATENTS_MEAN,
+        latents_std=TINY_LATENTS_STD,
     )
     text_config = {
         "hidden_size": 16,
@@ -133,7 +140,7 @@ def tiny_lightning_lora(transformer: torch.nn.Module) -> dict[str, torch.Tensor]
         up = torch.randn(module.out_features, TINY_LORA_RANK, generator=generator) * 0.05
         state[f"{name}.lora_down.weight"] = down.to(torch.bfloat16)
         state[f"{name}.lora_up.weight"] = up.to(torch.bfloat16)
-        state[f"{name}.alpha"] = torch.tensor(float(TINY_LORA_RANK), dtype=torch.bfloat16)
+        state[f"{name}.alpha"] = torch.tensor(TINY_LORA_ALPHA, dtype=torch.bfloat16)
     return state
 
 

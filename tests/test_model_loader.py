@@ -116,3 +116,43 @@ def test_fp8_needs_a_float8_gpu(tmp_path):
     settings = Settings.from_env({"MODEL_ID": "tiny-random", "MODEL_DIR": str(tmp_path), "PRECISION_MODE": "fp8"})
     with pytest.raises(RuntimeError, match="PRECISION_MODE=fp8 needs a GPU with float8 support"):
         load_model(settings)
+
+
+def test_lightning_is_fused_at_alpha_over_rank_times_up_down_per_module(tiny_env, base_holder):
+    from safetensors.torch import load_file
+
+    from tiny_model import TINY_LORA_ALPHA, TINY_LORA_RANK, ensure_tiny_model
+
+    assert TINY_LORA_ALPHA / TINY_LORA_RANK != 1  # alpha = rank could not catch an ignored alpha
+    state = load_file(ensure_tiny_model(tiny_env()["MODEL_DIR"]) / "lightning-lora.safetensors")
+    fused = dict(load_model(Settings.from_env(tiny_env(USE_LIGHTNING_LORA="true"))).pipe.transformer.named_parameters())
+    base = dict(base_holder.get().pipe.transformer.named_parameters())
+    modules = [key[: -len(".lora_down.weight")] for key in state if key.endswith(".lora_down.weight")]
+    assert len(modules) == 2 * 12  # 2 blocks x (q, k, v, out and MLP of each stream)
+    for module in modules:
+        down = state[f"{module}.lora_down.weight"].float()
+        up = state[f"{module}.lora_up.weight"].float()
+        alpha = state[f"{module}.alpha"].float()
+        expected = alpha / down.shape[0] * up @ down
+        change = fused[f"{module}.weight"] - base[f"{module}.weight"]
+        assert torch.allclose(change, expected, atol=1e-6, rtol=1e-4), module
+
+
+def test_a_lora_that_reaches_no_layer_is_refused(base_holder, tmp_path):
+    from safetensors.torch import save_file
+
+    from loras import LoraError, load_lora
+
+    # Keyed for another model: diffusers only warns and loads nothing.
+    save_file({"unet.mid.lora_A.weight": torch.randn(4, 16), "unet.mid.lora_B.weight": torch.randn(16, 4)},
+              tmp_path / "other-model.safetensors")  # fmt: skip
+    pipe = base_holder.get().pipe
+    with pytest.raises(LoraError, match="The LoRA other-model.safetensors reached none of the transformer's layers"):
+        load_lora(pipe, tmp_path / "other-model.safetensors", "other")
+    assert "other" not in pipe.get_list_adapters().get("transformer", [])
+
+
+def test_the_lightning_load_logs_how_many_layers_it_reached(tiny_env, caplog):
+    with caplog.at_level("INFO", logger="qwen_edit_worker.loras"):
+        load_model(Settings.from_env(tiny_env(USE_LIGHTNING_LORA="true")))
+    assert "reached 24 transformer layers" in caplog.text
