@@ -217,8 +217,9 @@ class EditEngine:
             # batch_key keeps unequal texts apart for such backends: this is a bug, not bad input.
             raise RuntimeError(f"texts of unequal length reached ATTENTION_BACKEND={self._settings.attention_backend}")
         if do_cfg:
+            # float32, as the user gave it: in bf16 a scale of 3.7 would become 3.703.
             scale = torch.tensor(
-                [r.true_cfg_scale for r in requests for _ in range(r.num_images)], device=device, dtype=latents.dtype
+                [r.true_cfg_scale for r in requests for _ in range(r.num_images)], device=device, dtype=torch.float32
             ).view(-1, 1, 1)
 
         vsf = pipe.vae_scale_factor
@@ -247,11 +248,8 @@ class EditEngine:
             predictions = [p for branch in branches for p in predict(t, *branch)]
             noise_pred = predictions[0]
             if do_cfg:
-                negative_pred = predictions[1]
-                combined = negative_pred + scale * (noise_pred - negative_pred)
-                # Qwen's guidance keeps the conditional prediction's norm.
-                noise_pred = combined * (noise_pred.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                noise_pred = apply_guidance(noise_pred, predictions[1], scale)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0].to(latents.dtype)
             for request in requests:
                 if request.progress is not None:
                     request.progress(i + 1, len(timesteps))
@@ -287,6 +285,14 @@ def _schedule(base_scheduler, steps: int, image_seq_len: int, device: torch.devi
     timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     scheduler.set_begin_index(0)
     return scheduler, timesteps
+
+
+def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Qwen's true classifier-free guidance, computed in float32 (the scheduler steps in float32
+    too): uncond + scale * (cond - uncond), rescaled to keep the conditional prediction's norm."""
+    cond, uncond = cond.float(), uncond.float()
+    combined = uncond + scale.float() * (cond - uncond)
+    return combined * (cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
 
 
 def pad_and_stack(embeds: Sequence[torch.Tensor], repeats: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:

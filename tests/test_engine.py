@@ -164,3 +164,21 @@ def test_cfg_batching_needs_a_backend_that_masks(tiny_env):
     with pytest.raises(ConfigError, match="CFG_BATCHING=true pads the negative prompt .* ATTENTION_BACKEND=sage_varlen"):
         Settings.from_env(tiny_env(ATTENTION_BACKEND="sage_varlen", CFG_BATCHING="true"))
     assert Settings.from_env(tiny_env(ATTENTION_BACKEND="_native_cudnn", CFG_BATCHING="true")).batch_cfg
+
+
+def test_guidance_keeps_the_scale_in_float32_with_bf16_predictions():
+    from engine import apply_guidance
+
+    generator = torch.Generator().manual_seed(0)
+    cond = torch.randn(1, 6, 8, generator=generator).to(torch.bfloat16)
+    uncond = torch.randn(1, 6, 8, generator=generator).to(torch.bfloat16)
+    scale = torch.tensor([3.7]).view(-1, 1, 1)
+    c, u = cond.double(), uncond.double()
+    combined = u + 3.7 * (c - u)
+    expected = combined * (c.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
+    got = apply_guidance(cond, uncond, scale)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-6)
+    # What a bf16 scale gives (3.703125): off by more than the tolerance above.
+    rounded = apply_guidance(cond, uncond, scale.to(torch.bfloat16).float())
+    assert not torch.allclose(rounded.double(), expected, rtol=1e-5, atol=1e-6)

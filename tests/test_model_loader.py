@@ -156,3 +156,20 @@ def test_the_lightning_load_logs_how_many_layers_it_reached(tiny_env, caplog):
     with caplog.at_level("INFO", logger="qwen_edit_worker.loras"):
         load_model(Settings.from_env(tiny_env(USE_LIGHTNING_LORA="true")))
     assert "reached 24 transformer layers" in caplog.text
+
+
+def test_the_8bit_offload_retry_quantizes_the_text_encoder_too(tmp_path, monkeypatch):
+    # bitsandbytes needs a GPU: record what the retry asks diffusers to load instead of loading it.
+    from diffusers import QwenImageTransformer2DModel
+
+    calls = {}
+    monkeypatch.setattr(QwenImageTransformer2DModel, "from_pretrained",
+                        classmethod(lambda cls, *a, **kw: calls.setdefault("transformer", kw) and "transformer"))  # fmt: skip
+    monkeypatch.setattr(QwenImageEditPlusPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **kw: calls.setdefault("pipeline", kw)))  # fmt: skip
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path), "PRECISION_MODE": "8bit"})
+    model_loader._load_8bit_with_cpu_offload(settings, str(tmp_path), torch.bfloat16, gpu_budget=2**30)
+    assert calls["transformer"]["quantization_config"].load_in_8bit
+    rest = calls["pipeline"]["quantization_config"].quant_mapping
+    assert set(rest) == {"text_encoder"} and rest["text_encoder"].load_in_8bit
+    assert calls["pipeline"]["transformer"] == "transformer"
