@@ -41,6 +41,7 @@ log = logging.getLogger("qwen_edit_worker.engine")
 # in 2x2 patches (the tiny model's VAE downsamples by 4, so 16 suits it too).
 OUTPUT_MULTIPLE = 16
 DEFAULT_OUTPUT_AREA = 1024 * 1024  # the stock pipeline's default output size
+MIN_DERIVED_SIDE, MAX_DERIVED_SIDE = 64, 2048  # what the schema allows for a side given
 BLANK_NEGATIVE_PROMPT = " "  # what Qwen's examples use to switch classifier-free guidance on
 
 StepCallback = Callable[[int, int], None]
@@ -93,6 +94,10 @@ def round_to_multiple(side: int) -> int:
     return max(OUTPUT_MULTIPLE, side // OUTPUT_MULTIPLE * OUTPUT_MULTIPLE)
 
 
+def _clamp_side(side: float) -> int:
+    return int(min(MAX_DERIVED_SIDE, max(MIN_DERIVED_SIDE, round(side))))
+
+
 class EditEngine:
     def __init__(self, settings: Settings, model: Callable[[], LoadedModel]):
         self._settings = settings
@@ -100,17 +105,26 @@ class EditEngine:
         self.default_output_area = settings.reference_image_area if settings.is_tiny else DEFAULT_OUTPUT_AREA
 
     def plan(self, request: EditRequest) -> _Plan:
-        last_width, last_height = request.images[-1].size
-        default_w, default_h = calculate_dimensions(self.default_output_area, last_width / last_height)
         references = tuple(
             calculate_dimensions(self._settings.reference_image_area, img.size[0] / img.size[1])
             for img in request.images
         )
-        return _Plan(
-            width=round_to_multiple(request.width or default_w),
-            height=round_to_multiple(request.height or default_h),
-            reference_sizes=references,
-        )
+        width, height = self.output_size(request)
+        return _Plan(width=width, height=height, reference_sizes=references)
+
+    def output_size(self, request: EditRequest) -> tuple[int, int]:
+        """The size asked for; a side not given follows the last image's aspect ratio (both
+        missing: about the default area at that ratio). A derived side stays in 64-2048."""
+        last_width, last_height = request.images[-1].size
+        ratio = last_width / last_height
+        width, height = request.width, request.height
+        if width is None and height is None:
+            width, height = calculate_dimensions(self.default_output_area, ratio)
+        elif height is None:
+            height = _clamp_side(width / ratio)
+        elif width is None:
+            width = _clamp_side(height * ratio)
+        return round_to_multiple(width), round_to_multiple(height)
 
     def warm_up(self) -> None:
         """Compile for the most common shape (the default output size, one square reference)

@@ -182,3 +182,15 @@ def test_guidance_keeps_the_scale_in_float32_with_bf16_predictions():
     # What a bf16 scale gives (3.703125): off by more than the tolerance above.
     rounded = apply_guidance(cond, uncond, scale.to(torch.bfloat16).float())
     assert not torch.allclose(rounded.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("width", "height", "expected"), [
+    (128, None, (128, 96)),   # a 4:3 input: the height follows
+    (None, 96, (128, 96)),    # the width follows
+    (2048, None, (2048, 1536)),
+    (None, 2048, (2048, 2048)),  # 2730 would pass 2048: the derived side is kept within the limit
+    (64, 64, (64, 64)),       # both given: as asked
+])  # fmt: skip
+def test_one_side_given_the_other_follows_the_inputs_aspect_ratio(engine, width, height, expected):
+    edit = request(images=(IMAGE_B, random_image(400, 300, seed=4)), width=width, height=height)
+    assert engine.output_size(edit) == expected
