@@ -7,10 +7,11 @@ silently ignored. Every error names the field and what it allows.
 
 from __future__ import annotations
 
+import difflib
 import random
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from config import Settings
 
@@ -33,10 +34,17 @@ FIELD_RULES: dict[str, str] = {
     "width": "a whole number from 64 to 2048",
     "height": "a whole number from 64 to 2048",
     "num_images": "a whole number from 1 to 4",
-    "output_format": "one of png, jpeg, webp",
+    "output_format": "one of png, jpeg (or jpg), webp",
     "output_quality": "a whole number from 1 to 100",
 }
 
+
+# Field names other APIs use for ours: an unknown field's error suggests ours.
+FIELD_ALIASES: dict[str, str] = {
+    "image": "images", "image_urls": "images", "input_images": "images", "init_image": "image_url",
+    "image_b64": "image_base64", "steps": "num_inference_steps", "guidance_scale": "true_cfg_scale",
+    "cfg_scale": "true_cfg_scale", "num_outputs": "num_images", "format": "output_format", "quality": "output_quality",
+}  # fmt: skip
 
 # What one item of a list field allows.
 ITEM_RULES: dict[str, str] = {"images": "an image URL, a base64 string or a data URI"}
@@ -62,6 +70,15 @@ class EditInput(BaseModel):
     num_images: Annotated[int, Field(ge=1, le=4)] = 1
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: Annotated[int, Field(ge=1, le=100)] = 95
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _format_aliases(cls, value: Any) -> Any:
+        # "jpg" is what file names say; any case is accepted.
+        if isinstance(value, str):
+            value = value.lower()
+            return "jpeg" if value == "jpg" else value
+        return value
 
     def image_sources(self) -> list[str]:
         """Every input image in order: image_url, image_base64, then images."""
@@ -96,7 +113,9 @@ def _sentence(error: dict) -> str:
     loc = error.get("loc") or ("input",)
     field = str(loc[0])
     if error["type"] == "extra_forbidden":
-        return f"Unknown input field '{field}'; allowed fields are {', '.join(FIELD_RULES)}."
+        guess = FIELD_ALIASES.get(field) or next(iter(difflib.get_close_matches(field, FIELD_RULES, n=1)), None)
+        hint = f" (did you mean '{guess}'?)" if guess else ""
+        return f"Unknown input field '{field}'{hint}; allowed fields are {', '.join(FIELD_RULES)}."
     rule = FIELD_RULES.get(field, "valid")
     if error["type"] == "missing":
         return f"Input field '{field}' is required: it must be {rule}."

@@ -162,6 +162,7 @@ class EditService:
             "height": result.height,
             "precision": model.precision,
             "batch_size": result.batch_size,
+            "warnings": job_warnings(params, request, self.settings),
         }
 
     def _save_local_copies(self, job: dict, encoded: list[bytes], output_format: str) -> None:
@@ -173,6 +174,27 @@ class EditService:
             path = folder / f"{_safe_name(str(job.get('id', 'job')))}-{k}.{output_format}"
             path.write_bytes(data)
             log.info("saved output image %s", path)
+
+
+def job_warnings(params: schema.EditInput, request: EditRequest, settings: Settings) -> list[str]:
+    """What ran other than the client may expect: settings that the model as configured
+    ignores or runs off its design. Empty when nothing needs saying."""
+    notes = []
+    if settings.use_lightning_lora and params.num_inference_steps not in (None, settings.lightning_steps):
+        notes.append(
+            f"num_inference_steps {request.num_inference_steps} ran the Lightning LoRA, which is distilled for "
+            f"{settings.lightning_steps} steps: other step counts run it off the schedule it learned (the 40-step base "
+            "model needs "
+            "USE_LIGHTNING_LORA=false on the endpoint)."
+        )
+    if settings.use_lightning_lora and request.do_cfg:
+        notes.append(
+            f"true_cfg_scale {request.true_cfg_scale:g} ran classifier-free guidance on the Lightning LoRA, which is "
+            "distilled without it: each step costs twice as much and images may over-saturate (use 1)."
+        )
+    if params.negative_prompt is not None and not request.do_cfg:
+        notes.append("negative_prompt was not used: it takes effect only when true_cfg_scale is above 1.")
+    return notes
 
 
 def _safe_name(text: str) -> str:

@@ -109,8 +109,9 @@ def test_service_answers_every_documented_field(tiny_settings, base_holder):
     assert bad == {"error": "Input image 1 is neither an http(s) URL nor valid base64."}
     assert set(good) == {
         "images", "output_format", "seed", "prompt", "num_inference_steps", "true_cfg_scale",
-        "lightning_enabled", "width", "height", "precision", "batch_size", "timings_ms",
+        "lightning_enabled", "width", "height", "precision", "batch_size", "timings_ms", "warnings",
     }  # fmt: skip
+    assert good["warnings"] == []
     assert len(good["images"]) == 2  # several images: the list alone, each image once
     assert good["images"][0] != good["images"][1]
     assert decoded(good["images"][1]).size == (96, 64)
@@ -131,3 +132,28 @@ def test_handler_module_is_an_async_runpod_entry(tiny_env, monkeypatch):
         assert handler.SETTINGS == Settings.from_env(tiny_env(MAX_CONCURRENCY="6"))
     finally:
         sys.modules.pop("handler", None)
+
+
+def test_a_lightning_job_asking_for_base_model_settings_is_warned(tiny_env, base_holder):
+    lightning = Settings.from_env(tiny_env(USE_LIGHTNING_LORA="true"))
+
+    async def scenario():
+        service = EditService(lightning, holder=base_holder)  # the base weights stand in: the warnings are the point
+        job = {"id": "w", "input": {"prompt": "x", "images": [SAMPLE], "num_inference_steps": 3, "true_cfg_scale": 4,
+                                    "width": 64, "height": 64}}  # fmt: skip
+        plain = {"id": "p", "input": {"prompt": "x", "images": [SAMPLE], "negative_prompt": "blurry", "width": 64,
+                                      "height": 64}}  # fmt: skip
+        answers = await service.handle(job), await service.handle(plain)
+        service.batcher.close(5)
+        return answers
+
+    warned, plain = asyncio.run(scenario())
+    assert warned["warnings"] == [
+        "num_inference_steps 3 ran the Lightning LoRA, which is distilled for 8 steps: other step counts run it off the "
+        "schedule it learned (the 40-step base model needs USE_LIGHTNING_LORA=false on the endpoint).",
+        "true_cfg_scale 4 ran classifier-free guidance on the Lightning LoRA, which is distilled without it: each step "
+        "costs twice as much and images may over-saturate (use 1).",
+    ]
+    assert plain["num_inference_steps"] == 8 and plain["warnings"] == [
+        "negative_prompt was not used: it takes effect only when true_cfg_scale is above 1."
+    ]

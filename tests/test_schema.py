@@ -110,3 +110,27 @@ def test_hostile_inputs_get_a_sentence_never_a_traceback():
             sentence = str(error)
             assert sentence.endswith(".") and "\n" not in sentence and "Traceback" not in sentence
             json.dumps({"error": sentence})  # it can be sent back as it is
+
+
+@pytest.mark.parametrize(("field", "guess"), [
+    ("image_urls", "images"), ("image", "images"), ("promt", "prompt"), ("guidance_scale", "true_cfg_scale"),
+    ("num_inference_step", "num_inference_steps"), ("seeds", "seed"),
+])  # fmt: skip
+def test_an_unknown_field_suggests_the_closest_allowed_one(field, guess):
+    message = refused({"prompt": "x", "image_url": URL, field: 1})
+    assert message.startswith(f"Unknown input field '{field}' (did you mean '{guess}'?); allowed fields are prompt,")
+
+
+def test_an_unknown_field_unlike_any_gets_no_guess():
+    assert refused({"prompt": "x", "image_url": URL, "zzz": 1}).startswith("Unknown input field 'zzz'; allowed")
+
+
+@pytest.mark.parametrize("value", ["jpg", "JPG", "Jpeg"])
+def test_jpg_is_accepted_as_jpeg(value):
+    assert parse({"prompt": "x", "image_url": URL, "output_format": value}, SETTINGS).output_format == "jpeg"
+
+
+def test_an_unknown_format_names_the_allowed_ones():
+    assert refused({"prompt": "x", "image_url": URL, "output_format": "gif"}) == (
+        "Input field 'output_format' must be one of png, jpeg (or jpg), webp; got 'gif'."
+    )
