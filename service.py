@@ -184,8 +184,7 @@ def job_warnings(params: schema.EditInput, request: EditRequest, settings: Setti
         notes.append(
             f"num_inference_steps {request.num_inference_steps} ran the Lightning LoRA, which is distilled for "
             f"{settings.lightning_steps} steps: other step counts run it off the schedule it learned (the 40-step base "
-            "model needs "
-            "USE_LIGHTNING_LORA=false on the endpoint)."
+            "model needs USE_LIGHTNING_LORA=false on the endpoint)."
         )
     if settings.use_lightning_lora and request.do_cfg:
         notes.append(
