@@ -14,7 +14,10 @@ import sys
 import runpod
 from runpod.serverless.modules.worker_state import IS_LOCAL_TEST
 
+import sdk_guards
 from config import ConfigError, Settings
+
+sdk_guards.install()  # a job holding a huge integer must not lose the jobs taken with it
 
 log = logging.getLogger("qwen_edit_worker")
 

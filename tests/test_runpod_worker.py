@@ -150,3 +150,24 @@ def test_a_job_stopped_by_runpod_while_queued_never_reaches_the_gpu(standin, tin
     assert sorted(standin.results) == ["after", "slow"]
     assert "victim" not in standin.progress  # it never ran a denoising step
     assert "Stopping job." in output
+
+
+def test_a_job_holding_a_huge_integer_does_not_lose_the_jobs_taken_with_it(standin, tiny_env, tmp_path):
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)  # the stand-in (this process) must be able to send it
+    huge = {"id": "huge", "input": {**good_job(0)["input"], "seed": int("9" * 5000)}}
+    standin.add_jobs([good_job(1), huge, good_job(2)])
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(standin, tiny_env, log_path, MAX_CONCURRENCY="3", BATCH_WAIT_MS="0")
+    try:
+        finished = standin.wait_for_results(3, timeout=180)
+    finally:
+        code, output = stop_worker(proc, log_path)
+        sys.set_int_max_str_digits(limit)
+    assert finished and code == 0, output[-4000:]
+    assert sorted(standin.results) == ["good-1", "good-2", "huge"]  # taken together, each answered once
+    assert all(len(answers) == 1 for answers in standin.results.values())
+    assert standin.results["huge"][0]["error"] == (
+        "Input field 'seed' must be a whole number from 0 to 4294967295; got an integer of 5000 digits."
+    )
+    assert all("output" in standin.results[i][0] for i in ("good-1", "good-2"))
