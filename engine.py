@@ -146,7 +146,7 @@ class EditEngine:
         key = (*self.plan(request).key, request.num_inference_steps, request.do_cfg)
         if self._settings.attention_takes_masks:
             return key
-        conditions = tuple(_condition_size(image) for image in request.images)
+        conditions = tuple(condition_size(image) for image in request.images)
         return (*key, conditions, request.prompt, request.negative_prompt if request.do_cfg else None)
 
     @torch.inference_mode()
@@ -186,7 +186,7 @@ class EditEngine:
         device = pipe._execution_device
         condition_images, vae_images = [], []
         for image, (ref_w, ref_h) in zip(request.images, plan.reference_sizes):
-            cond_w, cond_h = _condition_size(image)
+            cond_w, cond_h = condition_size(image)
             condition_images.append(pipe.image_processor.resize(image, cond_h, cond_w))
             vae_images.append(pipe.image_processor.preprocess(image, ref_h, ref_w).unsqueeze(2))
 
@@ -280,7 +280,7 @@ class EditEngine:
         return pipe.image_processor.postprocess(pixels, output_type="np")
 
 
-def _condition_size(image: Image.Image) -> tuple[int, int]:
+def condition_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) at which the text encoder sees an input image, as the stock pipeline sizes it."""
     return calculate_dimensions(CONDITION_IMAGE_SIZE, image.size[0] / image.size[1])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import random
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -17,6 +18,9 @@ from config import Settings
 
 MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**32 - 1
+# Qwen's control tokens (<|image_pad|>, <|vision_start|>, <|im_end|>, ...): the tokenizer would
+# read them as the template's markers, not as text, and break the image-token count.
+CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 ImageSource = Annotated[str, Field(min_length=1)]
@@ -80,6 +84,14 @@ class EditInput(BaseModel):
             return "jpeg" if value == "jpg" else value
         return value
 
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _plain_text(cls, value: str | None) -> str | None:
+        match = CONTROL_TOKEN.search(value or "")
+        if match:
+            raise ValueError(f"control token {match.group(0)}")
+        return value
+
     def image_sources(self) -> list[str]:
         """Every input image in order: image_url, image_base64, then images."""
         single = [s for s in (self.image_url, self.image_base64) if s is not None]
@@ -117,8 +129,13 @@ def _sentence(error: dict) -> str:
         hint = f" (did you mean '{guess}'?)" if guess else ""
         return f"Unknown input field '{field}'{hint}; allowed fields are {', '.join(FIELD_RULES)}."
     rule = FIELD_RULES.get(field, "valid")
+    if error["type"] == "string_unicode":  # a lone surrogate (JSON "\\ud800") is not text
+        return f"Input field '{field}' is not valid Unicode text (it holds a lone surrogate escape); send UTF-8 text."
     if error["type"] == "missing":
         return f"Input field '{field}' is required: it must be {rule}."
+    if error["type"] == "value_error" and "control token" in error["msg"]:
+        token = error["msg"].rsplit(" ", 1)[-1]
+        return f"Input field '{field}' contains {token}, one of the model's control tokens; prompts are plain text, remove it."
     if len(loc) > 1:
         item_rule = ITEM_RULES.get(field, rule)
         return f"Input field '{field}' item {loc[1]} must be {item_rule}; got {_shown(error.get('input'))}."

@@ -22,6 +22,7 @@ from batching import Batcher, BatcherClosed, WorkerBroken
 from config import Settings
 from engine import EditEngine, EditRequest, EditResult
 from model_loader import ModelHolder
+from prompt_budget import PromptBudget, TextTooLong
 
 log = logging.getLogger("qwen_edit_worker.service")
 
@@ -54,6 +55,7 @@ class EditService:
         self.settings = settings
         self.holder = holder or ModelHolder(settings)
         self.engine = EditEngine(settings, self.holder.get)
+        self.prompt_budget = PromptBudget(lambda: self.holder.get().pipe)
         self._progress = progress
         self.batcher: Batcher[EditRequest, EditResult] = Batcher(
             run_batch=self._run_batch,
@@ -73,6 +75,14 @@ class EditService:
     def close(self) -> None:
         """Take no new jobs; finish what is queued and running."""
         self.batcher.close()
+
+    def _check_text_fits(self, request: EditRequest, plan) -> None:
+        try:
+            self.prompt_budget.check(request, plan.width, plan.height, plan.reference_sizes)
+        except TextTooLong as error:
+            raise schema.InputError(str(error)) from None
+        except RuntimeError as error:  # the model failed to load: the batcher says the same
+            raise WorkerBroken(str(error)) from None
 
     def _run_batch(self, requests: list[EditRequest]) -> list[EditResult]:
         try:
@@ -98,6 +108,7 @@ class EditService:
             request = self.build_request(params, pictures, self._progress_reporter(job))
             plan = self.engine.plan(request)
             outputs.check_fits(request.num_images, plan.width, plan.height, params.output_format, self.settings)
+            await asyncio.to_thread(self._check_text_fits, request, plan)
             result = await self.batcher.submit(request, size=request.num_images)
             finished = time.perf_counter()
             response = await asyncio.to_thread(self._respond, job, request, params, result)

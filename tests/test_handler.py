@@ -8,6 +8,7 @@ import inspect
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from config import Settings
@@ -157,3 +159,34 @@ def test_a_lightning_job_asking_for_base_model_settings_is_warned(tiny_env, base
     assert plain["num_inference_steps"] == 8 and plain["warnings"] == [
         "negative_prompt was not used: it takes effect only when true_cfg_scale is above 1."
     ]
+
+
+@pytest.mark.parametrize("text", ["山" * 4000, "🙂" * 4000, "\u0301" * 4000], ids=["cjk", "emoji", "combining"])
+def test_a_prompt_past_the_models_text_positions_is_refused_before_the_gpu(tiny_settings, base_holder, text):
+    async def scenario():
+        service = EditService(tiny_settings, holder=base_holder)
+        ran = []
+        service._run_batch = lambda requests: ran.append(requests)
+        answers = [await service.handle({"id": "long", "input": {"prompt": text, "images": [SAMPLE], "width": 64,
+                                                                 "height": 64}}),  # fmt: skip
+                   await service.handle({"id": "neg", "input": {"prompt": "x", "negative_prompt": text,
+                                                                "true_cfg_scale": 4, "images": [SAMPLE]}})]  # fmt: skip
+        service.batcher.close(5)
+        return answers, ran
+
+    (long_prompt, long_negative), ran = asyncio.run(scenario())
+    assert re.fullmatch(r"Input field 'prompt' is too long: with the input images it takes \d+ text positions of "
+                        r"the 4092 the model has at this output size; shorten it\.", long_prompt["error"]), long_prompt  # fmt: skip
+    assert long_negative["error"].startswith("Input field 'negative_prompt' is too long")
+    assert ran == []
+
+
+def test_a_long_prompt_that_fits_is_edited(tiny_settings, base_holder):
+    async def scenario():
+        service = EditService(tiny_settings, holder=base_holder)
+        answer = await service.handle({"id": "ok", "input": {"prompt": "山" * 1200, "images": [SAMPLE], "width": 64,
+                                                             "height": 64, "num_inference_steps": 1}})  # fmt: skip
+        service.batcher.close(5)
+        return answer
+
+    assert "output_image_base64" in asyncio.run(scenario())

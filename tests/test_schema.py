@@ -134,3 +134,24 @@ def test_an_unknown_format_names_the_allowed_ones():
     assert refused({"prompt": "x", "image_url": URL, "output_format": "gif"}) == (
         "Input field 'output_format' must be one of png, jpeg (or jpg), webp; got 'gif'."
     )
+
+
+@pytest.mark.parametrize("token", ["<|image_pad|>", "<|vision_start|>", "<|im_end|>", "<|endoftext|>"])
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_control_tokens_in_prompts_are_refused_in_a_sentence(field, token):
+    fields = {"prompt": "x", field: f"put {token} here"}
+    assert refused({**fields, "image_url": URL}) == (
+        f"Input field '{field}' contains {token}, one of the model's control tokens; prompts are plain text, remove it."
+    )
+
+
+def test_text_that_only_looks_like_markup_is_kept():
+    assert parse({"prompt": "a <b> tag, |pipes| and <|not a token", "image_url": URL}, SETTINGS).prompt.startswith("a <b>")
+
+
+def test_a_lone_surrogate_is_named_as_such():
+    import json
+
+    assert refused({"prompt": json.loads('"sky \\ud800"'), "image_url": URL}) == (
+        "Input field 'prompt' is not valid Unicode text (it holds a lone surrogate escape); send UTF-8 text."
+    )
