@@ -42,6 +42,7 @@ log = logging.getLogger("qwen_edit_worker.engine")
 OUTPUT_MULTIPLE = 16
 DEFAULT_OUTPUT_AREA = 1024 * 1024  # the stock pipeline's default output size
 MIN_DERIVED_SIDE, MAX_DERIVED_SIDE = 64, 2048  # what the schema allows for a side given
+SIDE_STEP = 32  # calculate_dimensions rounds sides to multiples of this
 BLANK_NEGATIVE_PROMPT = " "  # what Qwen's examples use to switch classifier-free guidance on
 
 StepCallback = Callable[[int, int], None]
@@ -98,6 +99,19 @@ def _clamp_side(side: float) -> int:
     return int(min(MAX_DERIVED_SIDE, max(MIN_DERIVED_SIDE, round(side))))
 
 
+def _within_side_limits(width: float, height: float) -> tuple[int, int]:
+    """Shrink to fit the largest side allowed, keeping the ratio; then hold each side in the limits."""
+    shrink = min(1.0, MAX_DERIVED_SIDE / max(width, height, 1))
+    return _clamp_side(width * shrink), _clamp_side(height * shrink)
+
+
+def _dimensions(area: int, image: Image.Image) -> tuple[int, int]:
+    """diffusers' `calculate_dimensions` for the image's ratio, with no side below one 32-pixel
+    step: for a sliver (1:576) it rounds a side to 0, which the stock pipeline fails on."""
+    width, height = calculate_dimensions(area, image.size[0] / image.size[1])
+    return max(SIDE_STEP, width), max(SIDE_STEP, height)
+
+
 class EditEngine:
     def __init__(self, settings: Settings, model: Callable[[], LoadedModel]):
         self._settings = settings
@@ -105,21 +119,19 @@ class EditEngine:
         self.default_output_area = settings.reference_image_area if settings.is_tiny else DEFAULT_OUTPUT_AREA
 
     def plan(self, request: EditRequest) -> _Plan:
-        references = tuple(
-            calculate_dimensions(self._settings.reference_image_area, img.size[0] / img.size[1])
-            for img in request.images
-        )
+        references = tuple(_dimensions(self._settings.reference_image_area, img) for img in request.images)
         width, height = self.output_size(request)
         return _Plan(width=width, height=height, reference_sizes=references)
 
     def output_size(self, request: EditRequest) -> tuple[int, int]:
         """The size asked for; a side not given follows the last image's aspect ratio (both
-        missing: about the default area at that ratio). A derived side stays in 64-2048."""
+        missing: about the default area at that ratio, shrunk to fit). Whatever the inputs'
+        shapes, each side stays in 64-2048."""
         last_width, last_height = request.images[-1].size
         ratio = last_width / last_height
         width, height = request.width, request.height
         if width is None and height is None:
-            width, height = calculate_dimensions(self.default_output_area, ratio)
+            width, height = _within_side_limits(*calculate_dimensions(self.default_output_area, ratio))
         elif height is None:
             height = _clamp_side(width / ratio)
         elif width is None:
@@ -282,7 +294,7 @@ class EditEngine:
 
 def condition_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) at which the text encoder sees an input image, as the stock pipeline sizes it."""
-    return calculate_dimensions(CONDITION_IMAGE_SIZE, image.size[0] / image.size[1])
+    return _dimensions(CONDITION_IMAGE_SIZE, image)
 
 
 def _schedule(base_scheduler, steps: int, image_seq_len: int, device: torch.device):

@@ -32,6 +32,9 @@ READ_CHUNK = 64 * 1024
 USER_AGENT = "qwen-edit-worker/1.0 (+image fetch)"
 REDIRECT_STATUSES = {301, 302, 303, 307, 308}
 OUTPUT_MIME = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# The text encoder's image processor refuses ratios past 1:200, after the pipeline's own
+# resizing, which can stretch a sliver further: 1:100 leaves room.
+MAX_ASPECT_RATIO = 100
 
 
 def load_images(sources: Iterable[str], settings: Settings) -> list[Image.Image]:
@@ -77,6 +80,12 @@ def decode_image(data: bytes, n: int, settings: Settings) -> Image.Image:
         raise InputError(
             f"Input image {n} has {image.width}x{image.height} pixels, more than MAX_IMAGE_PIXELS "
             f"({settings.max_image_pixels})."
+        )
+    ratio = max(image.width, image.height) / max(1, min(image.width, image.height))
+    if ratio > MAX_ASPECT_RATIO:
+        raise InputError(
+            f"Input image {n} is {image.width}x{image.height}, an aspect ratio past 1:{MAX_ASPECT_RATIO}; "
+            "crop or pad it."
         )
     try:
         image = ImageOps.exif_transpose(image)

@@ -194,3 +194,18 @@ def test_guidance_keeps_the_scale_in_float32_with_bf16_predictions():
 def test_one_side_given_the_other_follows_the_inputs_aspect_ratio(engine, width, height, expected):
     edit = request(images=(IMAGE_B, random_image(400, 300, seed=4)), width=width, height=height)
     assert engine.output_size(edit) == expected
+
+
+@pytest.mark.parametrize("shape", [(16384, 64), (64, 16384), (4, 2304), (2304, 4), (3000, 200)])
+@pytest.mark.parametrize("given", [{}, {"width": 2048}, {"height": 64}, {"width": 64}])
+def test_any_input_shape_plans_sides_within_limits(engine, shape, given):
+    plan = engine.plan(request(images=(random_image(*shape, seed=5),), **{"width": None, "height": None, **given}))
+    assert 64 <= plan.width <= 2048 and 64 <= plan.height <= 2048
+    assert all(side >= 32 for size in plan.reference_sizes for side in size)
+
+
+def test_a_sliver_of_an_image_is_edited(engine):
+    # 1:100, the most images.py accepts: calculate_dimensions rounds its 64²-area reference width to 0.
+    result = engine.run_batch([request(images=(random_image(24, 2400, seed=6),), width=None, height=None,
+                                       num_inference_steps=1)])[0]  # fmt: skip
+    assert (result.width, result.height) == (64, 640) and np.isfinite(result.images[0]).all()

@@ -319,3 +319,9 @@ def test_https_refuses_a_certificate_that_does_not_prove_the_name(
         assert server.hits == []  # no request was sent over the unproven connection
     finally:
         server.close()
+
+
+def test_an_image_past_the_aspect_ratio_limit_is_refused_by_name():
+    with pytest.raises(InputError, match=r"^Input image 2 is 4x2304, an aspect ratio past 1:100; crop or pad it\.$"):
+        images.decode_image(png_bytes(Image.new("RGB", (4, 2304))), 2, STRICT)
+    assert images.decode_image(png_bytes(Image.new("RGB", (24, 2400))), 1, STRICT).size == (24, 2400)
