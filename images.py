@@ -32,6 +32,8 @@ READ_CHUNK = 64 * 1024
 USER_AGENT = "qwen-edit-worker/1.0 (+image fetch)"
 REDIRECT_STATUSES = {301, 302, 303, 307, 308}
 OUTPUT_MIME = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# What people send; Pillow tries only these parsers (AVIF where this Pillow build has it).
+INPUT_FORMATS = tuple(f for f in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF") if f in Image.registered_extensions().values())
 # The text encoder's image processor refuses ratios past 1:200, after the pipeline's own
 # resizing, which can stretch a sliver further: 1:100 leaves room.
 MAX_ASPECT_RATIO = 100
@@ -71,10 +73,20 @@ def _decode_base64(text: str, n: int, settings: Settings) -> bytes:
 
 
 def decode_image(data: bytes, n: int, settings: Settings) -> Image.Image:
+    """An RGB image, or an `InputError` sentence: never a decoder's own exception or text.
+
+    Only the formats people send are tried (fewer parsers, fewer surprises; no containers such
+    as ICO that hide a large image behind a small header), and the pixel limit is checked on
+    the header of what will be decoded, before any pixel is."""
+    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own check, for nested images too
     try:
-        image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError):
-        raise InputError(f"Input image {n} is not an image format Pillow can read (PNG, JPEG, WEBP, ...).") from None
+        image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
+    except UnidentifiedImageError:
+        raise InputError(f"Input image {n} is not an image in a format the worker reads ({', '.join(INPUT_FORMATS)}).") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"Input image {n} has more pixels than MAX_IMAGE_PIXELS ({settings.max_image_pixels}).") from None
+    except Exception:  # noqa: BLE001 - a header no parser could make sense of
+        raise InputError(f"Input image {n} could not be decoded (its header is corrupt).") from None
     # The header gives the size before any pixel is decoded: refuse decompression bombs here.
     if image.width * image.height > settings.max_image_pixels:
         raise InputError(
@@ -87,13 +99,16 @@ def decode_image(data: bytes, n: int, settings: Settings) -> Image.Image:
             f"Input image {n} is {image.width}x{image.height}, an aspect ratio past 1:{MAX_ASPECT_RATIO}; "
             "crop or pad it."
         )
+    kind = image.format
     try:
         image = ImageOps.exif_transpose(image)
         if image.mode != "RGB":
             image = image.convert("RGBA" if "transparency" in image.info else image.mode).convert("RGB")
         image.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise InputError(f"Input image {n} could not be decoded: {error}.") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"Input image {n} has more pixels than MAX_IMAGE_PIXELS ({settings.max_image_pixels}).") from None
+    except Exception:  # noqa: BLE001 - decoders raise many types (OSError, SyntaxError, struct.error, ...)
+        raise InputError(f"Input image {n} could not be decoded (its {kind} data is corrupt or truncated).") from None
     return image
 
 

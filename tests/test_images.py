@@ -50,7 +50,7 @@ def test_base64_and_data_uri_decode_to_the_same_rgb_image():
 
 def test_invalid_base64_non_image_and_oversize_each_get_their_own_sentence():
     assert "neither an http(s) URL nor valid base64" in error_of("not base64 at all!")
-    assert "not an image format" in error_of(base64.b64encode(b"just some text").decode())
+    assert "not an image in a format the worker reads" in error_of(base64.b64encode(b"just some text").decode())
     assert "larger than MAX_IMAGE_BYTES" in error_of("A" * 300000)
     assert "not base64-encoded" in error_of("data:image/png,rawbytes")
     assert "only http and https" in error_of("ftp://example.com/a.png")
@@ -325,3 +325,69 @@ def test_an_image_past_the_aspect_ratio_limit_is_refused_by_name():
     with pytest.raises(InputError, match=r"^Input image 2 is 4x2304, an aspect ratio past 1:100; crop or pad it\.$"):
         images.decode_image(png_bytes(Image.new("RGB", (4, 2304))), 2, STRICT)
     assert images.decode_image(png_bytes(Image.new("RGB", (24, 2400))), 1, STRICT).size == (24, 2400)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes(Image.new("RGB", (8, 8))))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def test_a_header_claiming_a_huge_image_gets_the_pixel_sentence():
+    with pytest.raises(InputError) as caught:
+        images.decode_image(_png_claiming(20000, 20000), 1, STRICT)
+    assert str(caught.value).startswith("Input image 1 has ") and str(caught.value).endswith("MAX_IMAGE_PIXELS (16777216).")
+
+
+def test_an_icon_container_hiding_a_large_png_is_not_decoded():
+    import struct
+
+    inner = png_bytes(Image.new("L", (6000, 6000)))  # 36 MP behind a header that says 16x16
+    icon = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(inner), 22) + inner
+    start = time.monotonic()
+    with pytest.raises(InputError, match=r"^Input image 1 is not an image in a format the worker reads \(PNG, JPEG"):
+        images.decode_image(icon, 1, STRICT)
+    assert time.monotonic() - start < 1.0  # refused from the header, not decoded
+
+
+SENTENCES = (
+    "Input image 1 is not an image in a format the worker reads (",
+    "Input image 1 could not be decoded (its header is corrupt).",
+    "Input image 1 could not be decoded (its ",
+    "Input image 1 has ",
+    "Input image 1 is ",
+)
+
+
+def test_mutated_images_give_an_image_or_a_sentence_never_a_decoders_exception():
+    import random
+
+    rng = random.Random(1234)
+    base = random_image(32, 24, seed=9)
+    seeds = [png_bytes(base, fmt) for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")]
+    seeds.append(png_bytes(base, "PNG", optimize=True))
+    deadline, tried, refused = time.monotonic() + 20, 0, 0
+    while tried < 4000 and time.monotonic() < deadline:
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 8)):
+            at = rng.randrange(len(data))
+            action = rng.random()
+            if action < 0.6:
+                data[at] = rng.randrange(256)
+            elif action < 0.8:
+                del data[at : at + rng.randint(1, 64)]
+            else:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+        tried += 1
+        try:
+            image = images.decode_image(bytes(data), 1, STRICT)
+            assert image.mode == "RGB"
+        except InputError as error:
+            refused += 1
+            assert str(error).startswith(SENTENCES), str(error)
+    assert tried >= 1000 and refused > 0
