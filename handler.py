@@ -15,6 +15,7 @@ import runpod
 from runpod.serverless.modules.worker_state import IS_LOCAL_TEST
 
 import sdk_guards
+import startup_checks
 from config import ConfigError, Settings
 
 sdk_guards.install()  # a job holding a huge integer must not lose the jobs taken with it
@@ -101,6 +102,10 @@ def _serve() -> int:
     # Until RunPod's JobScaler installs its handler, SIGTERM (from RunPod, or from `_retire`
     # when the model fails to load early) stops the start-up instead of killing the process.
     signal.signal(signal.SIGTERM, _stop_before_serving)
+    try:
+        startup_checks.run(SETTINGS)  # a folder or bucket that cannot be used stops the worker here
+    except ConfigError as unusable:
+        _exit(1, f"qwen-edit-worker: invalid configuration: {unusable}")
     try:
         _get_service()  # starts loading the model while the worker connects to RunPod
         # On SIGTERM RunPod's JobScaler stops taking jobs and waits for the ones it holds;

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+import urllib.parse
 
 from config import Settings
 from images import to_base64
@@ -43,19 +45,63 @@ def deliver(job_id: str, encoded: list[bytes], output_format: str, settings: Set
     return {single: values[0]} if len(values) == 1 else {"images": values}
 
 
+class DeliveryError(Exception):
+    """The images were made but could not be delivered; the message says why in one sentence."""
+
+
 def _upload(job_id: str, name: str, data: bytes, settings: Settings) -> str:
     from runpod.serverless.utils import rp_upload
 
-    creds = {
-        "endpointUrl": settings.bucket_endpoint_url,
-        "accessId": settings.bucket_access_key_id,
-        "accessSecret": settings.bucket_secret_access_key,
-    }
-    url = rp_upload.upload_in_memory_object(
-        name, data, bucket_creds=creds, bucket_name=settings.bucket_name or None, prefix=job_id
-    )
+    try:
+        url = rp_upload.upload_in_memory_object(
+            name, data, bucket_creds=_credentials(settings), bucket_name=bucket_name(settings), prefix=job_id
+        )
+    except Exception as error:  # noqa: BLE001 - botocore's errors can show the endpoint with its credentials
+        log.warning("upload of %s/%s failed: %s", job_id, name, type(error).__name__)
+        raise DeliveryError(
+            f"The edited images could not be uploaded: the bucket at BUCKET_ENDPOINT_URL "
+            f"{redact_url(settings.bucket_endpoint_url)} {bucket_problem(error)}; retry the job."
+        ) from None
     log.info("uploaded %s/%s (%d bytes)", job_id, name, len(data))
     return url
+
+
+def _credentials(settings: Settings) -> dict:
+    return {"endpointUrl": settings.bucket_endpoint_url, "accessId": settings.bucket_access_key_id,
+            "accessSecret": settings.bucket_secret_access_key}  # fmt: skip
+
+
+def bucket_name(settings: Settings) -> str:
+    return settings.bucket_name or time.strftime("%m-%y")  # rp_upload's own default
+
+
+def bucket_client(settings: Settings):
+    """The boto3 client that runpod's rp_upload makes for these credentials."""
+    from runpod.serverless.utils.rp_upload import get_boto_client
+
+    return get_boto_client(_credentials(settings))[0]
+
+
+def bucket_problem(error: BaseException) -> str:
+    """What went wrong, in words, without the library's text (it can hold the URL)."""
+    response = getattr(error, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    if code in ("404", "NoSuchBucket"):
+        return "has no such bucket"
+    if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return "refused the credentials (BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY)"
+    if code:
+        return f"answered with error {code}"
+    return "could not be reached"
+
+
+def redact_url(url: str) -> str:
+    """The URL without its user name and password, query and fragment."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    except ValueError:
+        return "(a malformed URL)"
 
 
 def check_fits(num_images: int, width: int, height: int, output_format: str, settings: Settings) -> None:

@@ -116,7 +116,7 @@ class EditService:
                                       **result.timings_ms, "total": _ms(started, time.perf_counter())}  # fmt: skip
             outputs.check_size(response, self.settings)
             return response
-        except schema.InputError as error:
+        except (schema.InputError, outputs.DeliveryError) as error:
             return {"error": str(error)}
         except WorkerBroken as error:
             # refresh_worker makes RunPod replace this worker once the job is answered.

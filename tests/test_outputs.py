@@ -91,3 +91,64 @@ def test_a_result_that_cannot_fit_is_refused_before_the_gpu_runs(tiny_env, base_
         "fewer images or a smaller size."
     )
     assert ran == []
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unusable_output_settings_stop_the_worker_at_start_without_showing_credentials(tiny_env, tmp_path, s3_endpoint):
+    import startup_checks
+    from config import ConfigError
+
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    bucket = dict(BUCKET_ACCESS_KEY_ID="test", BUCKET_SECRET_ACCESS_KEY="s3cr3t-key", BUCKET_NAME="edits")
+    closed = f"http://admin:pa55word@127.0.0.1:{_closed_port()}"
+    cases = {
+        "SAVE_OUTPUT_DIR 'PATH' cannot be written": {"SAVE_OUTPUT_DIR": str(a_file / "sub")},
+        "BUCKET_ENDPOINT_URL must be an http or https URL; got 'ftp://": {**bucket, "BUCKET_ENDPOINT_URL": "ftp://x:pa55word@host/"},
+        f"BUCKET_ENDPOINT_URL http://127.0.0.1:{closed.rsplit(':', 1)[1]} could not be reached for bucket 'edits'": {
+            **bucket, "BUCKET_ENDPOINT_URL": closed},
+        f"BUCKET_ENDPOINT_URL {s3_endpoint} has no such bucket for bucket 'missing'": {
+            **bucket, "BUCKET_ENDPOINT_URL": s3_endpoint, "BUCKET_NAME": "missing"},
+        "BUCKET_ENDPOINT_URL is set but BUCKET_ACCESS_KEY_ID or BUCKET_SECRET_ACCESS_KEY is not": {
+            "BUCKET_ENDPOINT_URL": s3_endpoint},
+    }  # fmt: skip
+    for expected, env in cases.items():
+        with pytest.raises(ConfigError) as caught:
+            startup_checks.run(Settings.from_env(tiny_env(**env)))
+        message = str(caught.value)
+        assert message.startswith(expected.replace("PATH", str(a_file / "sub"))), message
+        assert "pa55word" not in message and "s3cr3t" not in message and "admin" not in message
+    startup_checks.run(Settings.from_env(tiny_env(**bucket, BUCKET_ENDPOINT_URL=s3_endpoint)))  # a good bucket passes
+
+
+def test_the_worker_exits_at_start_on_an_unwritable_output_folder(tiny_env, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_handler import ROOT, worker_env
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    done = subprocess.run([sys.executable, "handler.py", "--test_input", '{"input": {"prompt": "x"}}'], cwd=ROOT,
+                          env=worker_env(tiny_env, SAVE_OUTPUT_DIR=str(a_file)), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 1
+    assert f"invalid configuration: SAVE_OUTPUT_DIR '{a_file}' cannot be written" in done.stderr
+    assert "Starting Serverless Worker" not in done.stdout
+
+
+def test_an_upload_that_fails_mid_job_is_a_sentence_without_credentials(tiny_env, base_holder):
+    settings = Settings.from_env(tiny_env(BUCKET_ENDPOINT_URL=f"http://admin:pa55word@127.0.0.1:{_closed_port()}",
+                                          BUCKET_ACCESS_KEY_ID="test", BUCKET_SECRET_ACCESS_KEY="s3cr3t-key"))  # fmt: skip
+    result = handle(settings, base_holder, JOB)
+    assert result["error"].startswith("The edited images could not be uploaded: the bucket at BUCKET_ENDPOINT_URL "
+                                      "http://127.0.0.1:")  # fmt: skip
+    assert result["error"].endswith("could not be reached; retry the job.")
+    assert "pa55word" not in result["error"] and "admin" not in result["error"]

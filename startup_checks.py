@@ -1,0 +1,56 @@
+"""Settings that can only be checked by trying them, tried once at start.
+
+A folder that cannot be written or a bucket that cannot be reached would otherwise fail
+every job; like a bad value, they stop the worker before it takes one, with a sentence.
+URLs are shown without their userinfo: an endpoint may carry credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import urllib.parse
+
+from config import ConfigError, Settings
+from outputs import bucket_client, bucket_name, bucket_problem, redact_url
+
+log = logging.getLogger("qwen_edit_worker.startup")
+
+
+def run(settings: Settings) -> None:
+    check_save_output_dir(settings)
+    check_bucket(settings)
+
+
+def check_save_output_dir(settings: Settings) -> None:
+    folder = settings.save_output_dir
+    if not folder:
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"SAVE_OUTPUT_DIR {folder!r} cannot be written ({error.strerror or 'not a folder'}).") from None
+
+
+def check_bucket(settings: Settings) -> None:
+    endpoint = settings.bucket_endpoint_url
+    credentials = settings.bucket_access_key_id and settings.bucket_secret_access_key
+    if not endpoint:
+        if credentials:
+            raise ConfigError("BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY are set but BUCKET_ENDPOINT_URL is not.")
+        return
+    shown = redact_url(endpoint)
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"BUCKET_ENDPOINT_URL must be an http or https URL; got {shown!r}.")
+    if not credentials:
+        raise ConfigError("BUCKET_ENDPOINT_URL is set but BUCKET_ACCESS_KEY_ID or BUCKET_SECRET_ACCESS_KEY is not.")
+    bucket = bucket_name(settings)
+    try:
+        bucket_client(settings).head_bucket(Bucket=bucket)
+    except Exception as error:  # noqa: BLE001 - botocore's errors, named below in words
+        raise ConfigError(f"BUCKET_ENDPOINT_URL {shown} {bucket_problem(error)} for bucket {bucket!r}.") from None
+    log.info("bucket %r at %s is reachable: outputs are uploaded", bucket, shown)
