@@ -20,6 +20,7 @@ Semantics (the contract the handler and the tests rely on):
   requests measured alone, its oldest request runs alone, so that there is something to
   compare with; after a size measures slower, half of it is tried next. A banned size is
   tried again after `reprobe_after` batches of its key, in case the costs have changed.
+  What is learnt is kept for the `max_keys` (256) most recently run keys.
 - All batches run on one thread, one at a time; the event loop never waits on them.
 - A batch that raises is retried one request at a time, so only the guilty request gets
   the error; a batch that runs out of GPU memory is split in halves and retried.
@@ -38,7 +39,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Hashable, Sequence, TypeVar
 
@@ -66,25 +67,46 @@ class CostModel:
     `baseline_samples` requests have been measured alone.
     """
 
-    def __init__(self, window: int = 8, baseline_samples: int = 2, reprobe_after: int = 200):
+    def __init__(self, window: int = 8, baseline_samples: int = 2, reprobe_after: int = 200, max_keys: int = 256):
         self.window = window
         self.baseline_samples = baseline_samples
         self.reprobe_after = reprobe_after
+        self.max_keys = max_keys
         self._samples: dict[Hashable, dict[tuple[int, bool], deque[float]]] = {}
-        self._seen: set[tuple[Hashable, int, bool]] = set()
+        self._seen: dict[Hashable, set[tuple[int, bool]]] = {}
         self._measured_at: dict[tuple[Hashable, int], int] = {}
         self._batches: dict[Hashable, int] = {}
+        self._recent: OrderedDict[Hashable, None] = OrderedDict()  # keys, least recently recorded first
 
     def record(self, key: Hashable, slots: int, shared: bool, seconds: float) -> None:
-        if (key, slots, shared) not in self._seen:
+        self._touch(key)
+        seen = self._seen.setdefault(key, set())
+        if (slots, shared) not in seen:
             # The first batch of a shape pays for compilation and kernel autotuning: not a cost.
-            self._seen.add((key, slots, shared))
+            seen.add((slots, shared))
             return
         table = self._samples.setdefault(key, {})
         table.setdefault((slots, shared), deque(maxlen=self.window)).append(seconds / slots)
         self._batches[key] = self._batches.get(key, 0) + 1
         if shared:
             self._measured_at[(key, slots)] = self._batches[key]
+
+    def _touch(self, key: Hashable) -> None:
+        """Keep what was learnt for the `max_keys` most recently recorded keys only: keys
+        hold sizes and, with some attention backends, prompts, so they are unbounded."""
+        self._recent[key] = None
+        self._recent.move_to_end(key)
+        while len(self._recent) > self.max_keys:
+            old, _ = self._recent.popitem(last=False)
+            self._samples.pop(old, None)
+            self._seen.pop(old, None)
+            self._batches.pop(old, None)
+            for measured in [k for k in self._measured_at if k[0] == old]:
+                del self._measured_at[measured]
+
+    @property
+    def keys(self) -> int:
+        return len(self._recent)
 
     def per_image(self, key: Hashable, slots: int, shared: bool) -> float | None:
         samples = self._samples.get(key, {}).get((slots, shared))

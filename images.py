@@ -64,6 +64,7 @@ def _decode_data_uri(source: str, n: int, settings: Settings) -> bytes:
 
 def _decode_base64(text: str, n: int, settings: Settings) -> bytes:
     compact = "".join(text.split())
+    compact += "=" * (-len(compact) % 4)  # padding is often left out; the length says how much
     if len(compact) * 3 // 4 > settings.max_image_bytes:
         raise InputError(f"Input image {n} is larger than MAX_IMAGE_BYTES ({settings.max_image_bytes} bytes).")
     try:

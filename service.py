@@ -202,6 +202,10 @@ def job_warnings(params: schema.EditInput, request: EditRequest, settings: Setti
             f"true_cfg_scale {request.true_cfg_scale:g} ran classifier-free guidance on the Lightning LoRA, which is "
             "distilled without it: each step costs twice as much and images may over-saturate (use 1)."
         )
+    if params.true_cfg_scale is not None and params.true_cfg_scale < 1:
+        notes.append(
+            f"true_cfg_scale {params.true_cfg_scale:g} is below 1, which turns guidance off: it ran as 1 would."
+        )
     if params.negative_prompt is not None and not request.do_cfg:
         notes.append("negative_prompt was not used: it takes effect only when true_cfg_scale is above 1.")
     return notes

@@ -279,3 +279,16 @@ def test_a_key_runs_requests_alone_first_to_have_a_baseline():
     batcher = adaptive(engine, max_wait_s=0.05)
     run(submit_together(batcher, "a", "b", "c", "d", "e"))  # a warms up; b and c measure the baseline
     assert engine.batches == [["a"], ["b"], ["c"], ["d", "e"]]
+
+
+def test_the_cost_model_keeps_a_bounded_number_of_keys():
+    costs = CostModel(max_keys=3)
+    for n in range(10):
+        for _ in range(3):
+            costs.record(f"key-{n}", 1, shared=False, seconds=1.0)
+    assert costs.keys == 3
+    assert costs.has_baseline("key-9") and not costs.has_baseline("key-0")  # the oldest were forgotten
+    costs.record("key-7", 1, shared=False, seconds=1.0)  # recording keeps a key
+    for n in range(10, 12):
+        costs.record(f"key-{n}", 1, shared=False, seconds=1.0)
+    assert costs.has_baseline("key-7") and not costs.has_baseline("key-8")

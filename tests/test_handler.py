@@ -94,7 +94,8 @@ def test_rp_serve_api_answers_runsync(tiny_env):
         assert decoded(output["output_image_base64"]).format == "JPEG"
     finally:
         proc.terminate()
-        proc.wait(30)
+        code = proc.wait(30)
+    assert code == 0  # SIGTERM ends the local API cleanly, not by the signal (-15)
 
 
 def test_service_answers_every_documented_field(tiny_settings, base_holder):
@@ -144,7 +145,7 @@ def test_a_lightning_job_asking_for_base_model_settings_is_warned(tiny_env, base
         job = {"id": "w", "input": {"prompt": "x", "images": [SAMPLE], "num_inference_steps": 3, "true_cfg_scale": 4,
                                     "width": 64, "height": 64}}  # fmt: skip
         plain = {"id": "p", "input": {"prompt": "x", "images": [SAMPLE], "negative_prompt": "blurry", "width": 64,
-                                      "height": 64}}  # fmt: skip
+                                      "height": 64, "true_cfg_scale": 0.5}}  # fmt: skip
         answers = await service.handle(job), await service.handle(plain)
         service.batcher.close(5)
         return answers
@@ -157,7 +158,8 @@ def test_a_lightning_job_asking_for_base_model_settings_is_warned(tiny_env, base
         "costs twice as much and images may over-saturate (use 1).",
     ]
     assert plain["num_inference_steps"] == 8 and plain["warnings"] == [
-        "negative_prompt was not used: it takes effect only when true_cfg_scale is above 1."
+        "true_cfg_scale 0.5 is below 1, which turns guidance off: it ran as 1 would.",
+        "negative_prompt was not used: it takes effect only when true_cfg_scale is above 1.",
     ]
 
 

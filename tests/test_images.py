@@ -391,3 +391,11 @@ def test_mutated_images_give_an_image_or_a_sentence_never_a_decoders_exception()
             refused += 1
             assert str(error).startswith(SENTENCES), str(error)
     assert tried >= 1000 and refused > 0
+
+
+def test_unpadded_base64_is_accepted():
+    data = png_bytes(Image.new("RGB", (7, 5), "red"), pnginfo=None) + b"\0"  # a trailing byte: padding needed
+    unpadded = base64.b64encode(data).decode().rstrip("=")
+    assert len(data) % 3 and len(unpadded) % 4
+    assert images.load_images([unpadded], STRICT)[0].size == (7, 5)
+    assert images.load_images(["data:image/png;base64," + unpadded], STRICT)[0].size == (7, 5)
