@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 import compilation
+import fetching
 import images
 import outputs
 import schema
@@ -56,6 +57,8 @@ class EditService:
         self.holder = holder or ModelHolder(settings)
         self.engine = EditEngine(settings, self.holder.get)
         self.prompt_budget = PromptBudget(lambda: self.holder.get().pipe)
+        # Every image of every job the worker holds can download at once: none waits for a thread.
+        self.downloads = fetching.downloads_pool(settings.max_concurrency * settings.max_input_images)
         self._progress = progress
         self.batcher: Batcher[EditRequest, EditResult] = Batcher(
             run_batch=self._run_batch,
@@ -75,6 +78,7 @@ class EditService:
     def close(self) -> None:
         """Take no new jobs; finish what is queued and running."""
         self.batcher.close()
+        self.downloads.shutdown(wait=False)
 
     def _check_text_fits(self, request: EditRequest, plan) -> None:
         try:
@@ -103,7 +107,7 @@ class EditService:
         started = time.perf_counter()
         try:
             params = schema.parse(job.get("input"), self.settings)
-            pictures = await asyncio.to_thread(images.load_images, params.image_sources(), self.settings)
+            pictures = await images.load_images_async(params.image_sources(), self.settings, self.downloads)
             fetched = time.perf_counter()
             request = self.build_request(params, pictures, self._progress_reporter(job))
             plan = self.engine.plan(request)

@@ -77,6 +77,22 @@ class ImageServer:
 
         self.routes[path] = route
 
+    def raw(self, path: str, data: bytes, every_s: float = 0.0, per_write: int = 1 << 20) -> None:
+        """Answer with `data` as it is (status line and headers included), `per_write` bytes at
+        a time with a pause of `every_s` between writes; then close the connection."""
+
+        def route(h: BaseHTTPRequestHandler) -> None:
+            h.close_connection = True
+            try:
+                for start in range(0, len(data), per_write):
+                    h.wfile.write(data[start : start + per_write])
+                    h.wfile.flush()
+                    time.sleep(every_s)
+            except OSError:
+                pass  # the client gave up, as it should
+
+        self.routes[path] = route
+
     def stream_forever(self, path: str, chunk: int = 64 * 1024, limit: int = 64 * 1024 * 1024) -> None:
         def route(h: BaseHTTPRequestHandler) -> None:
             h.send_response(200)

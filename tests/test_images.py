@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import fetching
 import images
 from config import Settings
 from schema import InputError
@@ -127,7 +128,7 @@ def test_outputs_are_encoded_in_the_requested_format(fmt, magic):
      ("2001:4860:4860::8888", True), ("ff02::1", False), ("240.0.0.1", False)],
 )  # fmt: skip
 def test_public_address_classification(address, public):
-    assert images.is_public_address(address) is public
+    assert fetching.is_public_address(address) is public
 
 
 # ----------------------------------------------------------------- SSRF defences
@@ -135,12 +136,12 @@ def test_public_address_classification(address, public):
 # ever goes to them. Servers listen on loopback addresses only.
 
 
-REAL_GETADDRINFO = images.socket.getaddrinfo
+REAL_GETADDRINFO = fetching.socket.getaddrinfo
 
 
 def is_ip_literal(host: str) -> bool:
     try:
-        images.ipaddress.ip_address(host)
+        fetching.ipaddress.ip_address(host)
         return True
     except ValueError:
         return False
@@ -157,11 +158,11 @@ def fake_resolver(monkeypatch, answers) -> list[str]:
         asked.append(host)
         addresses = answers(host) if callable(answers) else answers.get(host)
         if not addresses:
-            raise images.socket.gaierror("unknown host")
-        return [(images.socket.AF_INET6 if ":" in a else images.socket.AF_INET, images.socket.SOCK_STREAM, 6, "",
+            raise fetching.socket.gaierror("unknown host")
+        return [(fetching.socket.AF_INET6 if ":" in a else fetching.socket.AF_INET, fetching.socket.SOCK_STREAM, 6, "",
                  (a, port)) for a in addresses]  # fmt: skip
 
-    monkeypatch.setattr(images.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(fetching.socket, "getaddrinfo", getaddrinfo)
     return asked
 
 
@@ -172,8 +173,8 @@ def no_connections(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a refused URL must never be fetched")
 
-    monkeypatch.setattr(images, "HTTPConnectionPool", refuse)
-    monkeypatch.setattr(images, "HTTPSConnectionPool", refuse)
+    monkeypatch.setattr(fetching, "WatchedHTTPPool", refuse)
+    monkeypatch.setattr(fetching, "WatchedHTTPSPool", refuse)
 
 
 @pytest.mark.parametrize(
@@ -205,8 +206,8 @@ def test_malformed_and_non_http_urls_are_refused(monkeypatch, no_connections, ur
 @pytest.fixture
 def loopback_is_public_except_127_0_0_2(monkeypatch):
     """Pretend 127.0.0.1 is a public host and 127.0.0.2 a private one (both are loopback here)."""
-    real = images.is_public_address
-    monkeypatch.setattr(images, "is_public_address", lambda a: a == "127.0.0.1" or (a != "127.0.0.2" and real(a)))
+    real = fetching.is_public_address
+    monkeypatch.setattr(fetching, "is_public_address", lambda a: a == "127.0.0.1" or (a != "127.0.0.2" and real(a)))
 
 
 def test_every_redirect_hop_is_checked(monkeypatch, loopback_is_public_except_127_0_0_2):
@@ -309,7 +310,8 @@ def test_https_refuses_a_certificate_that_does_not_prove_the_name(
     trusted, unknown = authorities
     monkeypatch.setenv("SSL_CERT_FILE", trusted.cert_file)
     if case == "certificate for another name":
-        server, reason = https_server(trusted, "other.example"), "hostname 'images.example' doesn't match 'other.example'"
+        server = https_server(trusted, "other.example")
+        reason = "the server's TLS certificate was refused (hostname 'images.example' doesn't match 'other.example')"
     else:
         server, reason = https_server(unknown, "images.example"), "the server's TLS certificate was refused (unable to get"
     try:
@@ -399,3 +401,63 @@ def test_unpadded_base64_is_accepted():
     assert len(data) % 3 and len(unpadded) % 4
     assert images.load_images([unpadded], STRICT)[0].size == (7, 5)
     assert images.load_images(["data:image/png;base64," + unpadded], STRICT)[0].size == (7, 5)
+
+
+# ----------------------------------------------------------------- limits in time, errors in words
+
+ONE_SECOND = Settings.from_env({"ALLOW_PRIVATE_IMAGE_URLS": "true", "IMAGE_DOWNLOAD_TIMEOUT_S": "1"})
+TOO_SLOW = "Input image 1 took longer than IMAGE_DOWNLOAD_TIMEOUT_S (1 s) to download."
+
+
+def timed_error(url: str, settings: Settings = ONE_SECOND) -> tuple[str, float]:
+    start = time.monotonic()
+    message = error_of(url, settings)
+    return message, time.monotonic() - start
+
+
+def test_headers_trickled_a_byte_at_a_time_cannot_stretch_the_limit(server):
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-Pad-%d: y\r\n" % i for i in range(200)) + b"\r\n"
+    server.raw("/headers", head, every_s=0.05, per_write=1)
+    message, took = timed_error(server.url("/headers"))
+    assert message == TOO_SLOW and took < 1.5
+
+
+def test_a_body_trickled_slower_than_the_limit_ends_at_the_limit(server):
+    body = png_bytes(random_image(4, 4))
+    server.raw("/body", b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body, every_s=0.8, per_write=8)
+    message, took = timed_error(server.url("/body"))
+    assert message == TOO_SLOW and took < 1.5
+
+
+def test_the_limit_covers_every_redirect_together(server):
+    for hop in range(4):
+        server.raw(f"/hop{hop}", b"HTTP/1.1 302 Found\r\nLocation: /hop%d\r\nContent-Length: 0\r\n\r\n" % (hop + 1),
+                   every_s=0.1, per_write=10)  # each hop takes about 0.6 s: fine alone, too slow together  # fmt: skip
+    server.serve_bytes("/hop4", png_bytes(random_image(4, 4)))
+    message, took = timed_error(server.url("/hop0"))
+    assert message == TOO_SLOW and took < 1.5
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    (b"NONSENSE\r\n\r\n", "the connection broke off or the answer was not valid HTTP"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10, "the connection broke off or the answer was not valid HTTP"),
+    (b"HTTP/1.1 302 Found\r\nLocation: http://[::1\r\nContent-Length: 0\r\n\r\n", None),
+])  # fmt: skip
+def test_broken_answers_get_a_sentence_without_library_internals(server, answer, expected):
+    server.raw("/broken", answer)
+    message = error_of(server.url("/broken"))
+    if expected is None:
+        assert message == "Input image 1 redirected to a malformed URL."
+    else:
+        assert message == f"Input image 1 could not be downloaded: {expected}."
+    for internal in ("BadStatusLine", "IncompleteRead", "Connection aborted", "ValueError", "timeout=", "Error("):
+        assert internal not in message
+
+
+def test_a_closed_port_is_a_sentence():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert error_of(f"http://127.0.0.1:{port}/a.png") == "Input image 1 could not be downloaded: the server could not be reached."
