@@ -49,6 +49,8 @@ class RunPodStandIn:
             "RUNPOD_AI_API_KEY": "test-key",
             "RUNPOD_PING_INTERVAL": "1000",
             "RUNPOD_SKIP_GPU_CHECK": "true",
+            # Deployed-mode fitness checks open a connection to a public DNS server: never from tests.
+            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
         }
 
     def add_jobs(self, jobs: list[dict]) -> None:

@@ -28,7 +28,7 @@ HAT = base64.b64encode((ROOT / "assets" / "sample_hat.png").read_bytes()).decode
 
 
 def worker_env(tiny_env, **extra) -> dict[str, str]:
-    return {**os.environ, **tiny_env(**extra), "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, **tiny_env(**extra), "PYTHONUNBUFFERED": "1", "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true"}
 
 
 def run_handler(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
