@@ -127,9 +127,9 @@ class EditService:
             return {"error": f"This worker cannot run jobs ({error}); retry the job.", "refresh_worker": True}
         except BatcherClosed:
             return {"error": "This worker is shutting down; retry the job."}
-        except Exception as error:  # the GPU side failed for this request alone
+        except Exception:  # the GPU side failed for this request alone: the log has the details
             log.exception("job %s failed", job.get("id"))
-            return {"error": f"The edit failed: {type(error).__name__}: {error}"}
+            return {"error": f"The edit failed inside the worker (logged with job id {job.get('id')}); retry the job."}
 
     def build_request(self, params: schema.EditInput, pictures: list, progress=None) -> EditRequest:
         steps = params.num_inference_steps or self.settings.default_steps

@@ -192,3 +192,20 @@ def test_a_long_prompt_that_fits_is_edited(tiny_settings, base_holder):
         return answer
 
     assert "output_image_base64" in asyncio.run(scenario())
+
+
+def test_an_unexpected_failure_is_a_sentence_without_the_exception(tiny_settings, base_holder):
+    async def scenario():
+        service = EditService(tiny_settings, holder=base_holder)
+
+        def broken(requests):
+            raise KeyError("internal detail")
+
+        service.engine.run_batch = broken
+        answer = await service.handle({"id": "job-7", "input": {"prompt": "x", "images": [SAMPLE], "width": 64,
+                                                                "height": 64}})  # fmt: skip
+        service.batcher.close(5)
+        return answer
+
+    answer = asyncio.run(scenario())
+    assert answer == {"error": "The edit failed inside the worker (logged with job id job-7); retry the job."}
