@@ -230,7 +230,7 @@ class Batcher(Generic[Req, Res]):
                 self._on_start()
             except Exception as error:
                 log.exception("start-up failed")
-                self._fail(WorkerBroken(f"the model failed to load: {type(error).__name__}: {error}"))
+                self._fail(WorkerBroken(f"the model failed to load: {error}"))
                 return
         while self.failure is None:
             batch = self._next_batch()

@@ -82,7 +82,7 @@ def test_jobs_waiting_for_a_model_that_fails_to_load_all_get_the_reason(tiny_set
     results = run_jobs(service, [job(i) for i in range(4)])
     assert len(retired) == 1
     for result in results:
-        assert result["error"].startswith("This worker cannot run jobs (the model failed to load: OSError: Error while")
+        assert result["error"].startswith("This worker cannot run jobs (the model failed to load: Error while")
         assert result["refresh_worker"] is True
 
 
