@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import http.client
+import io
 import ipaddress
 import itertools
 import socket
@@ -27,6 +28,7 @@ import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, Timeout
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -162,10 +164,17 @@ def downloads_pool(threads: int) -> ThreadPoolExecutor:
 def fetch(url: str, subject: str, policy: FetchPolicy, deadline: Deadline | None = None) -> bytes:
     """The body at `url`, or an `InputError` sentence that starts with `subject`. The deadline
     may be set earlier (when the download was queued), so that waiting counts too."""
+    buffer = io.BytesIO()
+    fetch_into(url, buffer, subject, policy, deadline)
+    return buffer.getvalue()
+
+
+def fetch_into(url: str, sink: BinaryIO, subject: str, policy: FetchPolicy, deadline: Deadline | None = None) -> int:
+    """Write the body at `url` into `sink` (a file, for large downloads); the bytes written."""
     deadline = deadline or Deadline(policy.timeout_s)
     _watching.deadline = deadline
     try:
-        return _follow(url, subject, policy, deadline)
+        return _follow(url, sink, subject, policy, deadline)
     except InputError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever broke, the client gets a sentence
@@ -177,7 +186,7 @@ def fetch(url: str, subject: str, policy: FetchPolicy, deadline: Deadline | None
         _watching.deadline = None
 
 
-def _follow(url: str, subject: str, policy: FetchPolicy, deadline: Deadline) -> bytes:
+def _follow(url: str, sink: BinaryIO, subject: str, policy: FetchPolicy, deadline: Deadline) -> int:
     for _ in range(MAX_REDIRECTS + 1):
         if deadline.expired or deadline.remaining() <= 0:
             raise _too_slow(subject, policy)
@@ -191,7 +200,7 @@ def _follow(url: str, subject: str, policy: FetchPolicy, deadline: Deadline) -> 
                 continue
             if response.status != 200:
                 raise InputError(f"{subject} could not be downloaded: the server answered HTTP {response.status}.")
-            return _read_limited(response, subject, policy, deadline)
+            return _read_limited(response, sink, subject, policy, deadline)
         finally:
             response.release_conn()
     raise InputError(f"{subject} redirected more than {MAX_REDIRECTS} times.")
@@ -248,12 +257,12 @@ def is_public_address(address: str) -> bool:
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified or ip.is_loopback)
 
 
-def _read_limited(response, subject: str, policy: FetchPolicy, deadline: Deadline) -> bytes:
+def _read_limited(response, sink: BinaryIO, subject: str, policy: FetchPolicy, deadline: Deadline) -> int:
     limit = policy.max_bytes
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise InputError(f"{subject} is larger than {policy.bytes_setting} ({limit} bytes).")
-    chunks, total = [], 0
+    total = 0
     while True:
         if deadline.expired:
             raise _too_slow(subject, policy)
@@ -261,11 +270,11 @@ def _read_limited(response, subject: str, policy: FetchPolicy, deadline: Deadlin
         if not chunk:
             if deadline.expired:
                 raise _too_slow(subject, policy)
-            return b"".join(chunks)
+            return total
         total += len(chunk)
         if total > limit:
             raise InputError(f"{subject} is larger than {policy.bytes_setting} ({limit} bytes).")
-        chunks.append(chunk)
+        sink.write(chunk)
 
 
 def _too_slow(subject: str, policy: FetchPolicy) -> InputError:
