@@ -67,6 +67,11 @@ class Settings:
     bucket_name: str = ""
     # RunPod drops results over 10 MB from /run (20 MB from /runsync).
     max_response_bytes: int = 10_000_000
+    max_loras: int = 3
+    max_lora_bytes: int = 2 * 1024**3  # real files are 100 MB to 1.7 GB
+    lora_download_timeout_s: float = 300.0
+    lora_cache_gb: float = 50.0
+    max_loaded_loras: int = 8
 
     @property
     def is_tiny(self) -> bool:
@@ -132,6 +137,11 @@ class Settings:
             bucket_secret_access_key=env.text("BUCKET_SECRET_ACCESS_KEY", ""),
             bucket_name=env.text("BUCKET_NAME", cls.bucket_name),
             max_response_bytes=env.integer("MAX_RESPONSE_BYTES", cls.max_response_bytes, 100_000, 100_000_000),
+            max_loras=env.integer("MAX_LORAS", cls.max_loras, 0, 8),
+            max_lora_bytes=env.integer("MAX_LORA_BYTES", cls.max_lora_bytes, 1024**2, 16 * 1024**3),
+            lora_download_timeout_s=env.number("LORA_DOWNLOAD_TIMEOUT_S", cls.lora_download_timeout_s, 1, 3600),
+            lora_cache_gb=env.number("LORA_CACHE_GB", cls.lora_cache_gb, 0.1, 10_000),
+            max_loaded_loras=env.integer("MAX_LOADED_LORAS", cls.max_loaded_loras, 1, 64),
         )
         if settings.batch_cfg and not settings.attention_takes_masks:
             raise ConfigError(

@@ -32,6 +32,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
 )
 from PIL import Image
 
+from adapters import AdapterCache, AppliedLora
 from config import Settings
 from model_loader import LoadedModel
 
@@ -61,6 +62,7 @@ class EditRequest:
     width: int | None = None
     height: int | None = None
     num_images: int = 1
+    loras: tuple[AppliedLora, ...] = ()  # user LoRAs, applied on top of the model
     # Called on the GPU thread after each denoising step with (step, total_steps).
     progress: StepCallback | None = field(default=None, compare=False, repr=False)
 
@@ -155,7 +157,8 @@ class EditEngine:
         """Requests with equal keys can share one transformer batch. With an attention backend
         that cannot mask padding, only requests whose texts have the same length may: the
         same prompts and the same condition-image sizes (their vision tokens are text too)."""
-        key = (*self.plan(request).key, request.num_inference_steps, request.do_cfg)
+        loras = tuple((lora.file.sha256, lora.scale) for lora in request.loras)
+        key = (*self.plan(request).key, request.num_inference_steps, request.do_cfg, loras)
         if self._settings.attention_takes_masks:
             return key
         conditions = tuple(condition_size(image) for image in request.images)
@@ -166,6 +169,9 @@ class EditEngine:
         if len({self.batch_key(r) for r in requests}) != 1:
             raise ValueError("run_batch needs requests with one batch key")
         model = self._model()
+        if model.adapters is None:  # adapters are the model's state, shared by every engine using it
+            model.adapters = AdapterCache(self._settings.max_loaded_loras)
+        model.adapters.apply(model, requests[0].loras)
         pipe = model.pipe
         plan = self.plan(requests[0])
         timings: dict[str, float] = {}

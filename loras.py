@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from schema import InputError
+
 log = logging.getLogger("qwen_edit_worker.loras")
 
 
-class LoraError(ValueError):
+class LoraError(InputError):
     """A LoRA file cannot be used; the message says why in one sentence."""
 
 

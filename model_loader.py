@@ -65,6 +65,9 @@ class LoadedModel:
     lightning: bool
     offload: str
     compiled: bool = False
+    # Adapters that belong to the model and stay active in every batch (an unfused Lightning).
+    base_adapters: tuple[str, ...] = ()
+    adapters: object = None  # the user LoRAs loaded into it (adapters.AdapterCache), once one is used
 
 
 @contextmanager
@@ -285,7 +288,8 @@ def load_model(settings: Settings) -> LoadedModel:
         if settings.precision_mode != "bf16"
         else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     )
-    return LoadedModel(pipe, device, dtype, precision, settings.use_lightning_lora, offload, compiled)
+    base_adapters = ("lightning",) if settings.use_lightning_lora and bnb_quantized else ()
+    return LoadedModel(pipe, device, dtype, precision, settings.use_lightning_lora, offload, compiled, base_adapters)
 
 
 class ModelHolder:

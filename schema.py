@@ -40,6 +40,7 @@ FIELD_RULES: dict[str, str] = {
     "num_images": "a whole number from 1 to 4",
     "output_format": "one of png, jpeg (or jpg), webp",
     "output_quality": "a whole number from 1 to 100",
+    "loras": "a list of objects {\"path\", \"weight_name\", \"scale\"}",
 }
 
 
@@ -51,11 +52,54 @@ FIELD_ALIASES: dict[str, str] = {
 }  # fmt: skip
 
 # What one item of a list field allows.
-ITEM_RULES: dict[str, str] = {"images": "an image URL, a base64 string or a data URI"}
+ITEM_RULES: dict[str, str] = {
+    "images": "an image URL, a base64 string or a data URI",
+    "loras": "an object {\"path\", \"weight_name\", \"scale\"}",
+}
 
 
 class InputError(ValueError):
     """The job input is not acceptable; the message is the sentence the client sees."""
+
+
+# A Hugging Face repo id (owner/name) or an http(s) URL of a .safetensors file.
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+LORA_RULES: dict[str, str] = {
+    "path": "an http(s) URL of a .safetensors file or a Hugging Face repo id (owner/name)",
+    "weight_name": "the name of a .safetensors file inside the repo",
+    "scale": "a number from -4 to 4",
+}
+
+
+class LoraInput(BaseModel):
+    """One LoRA a job applies on top of the model."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    path: Annotated[str, Field(min_length=1, max_length=2048)]
+    weight_name: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+    scale: Annotated[float, Field(ge=-4.0, le=4.0, allow_inf_nan=False)] = 1.0
+
+    @field_validator("path")
+    @classmethod
+    def _url_or_repo(cls, value: str) -> str:
+        if value[:8].lower().startswith(("http://", "https://")):
+            if not value.split("?", 1)[0].lower().endswith(".safetensors"):
+                raise ValueError("not a .safetensors URL")
+        elif not REPO_ID.fullmatch(value):
+            raise ValueError("neither a URL nor a repo id")
+        return value
+
+    @field_validator("weight_name")
+    @classmethod
+    def _file_in_repo(cls, value: str | None) -> str | None:
+        if value is not None and (not value.endswith(".safetensors") or value.startswith("/") or ".." in value.split("/")):
+            raise ValueError("not a safetensors file name")
+        return value
+
+    @property
+    def is_url(self) -> bool:
+        return self.path[:8].lower().startswith(("http://", "https://"))
 
 
 class EditInput(BaseModel):
@@ -74,6 +118,7 @@ class EditInput(BaseModel):
     num_images: Annotated[int, Field(ge=1, le=4)] = 1
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: Annotated[int, Field(ge=1, le=100)] = 95
+    loras: list[LoraInput] | None = None
 
     @field_validator("output_format", mode="before")
     @classmethod
@@ -108,6 +153,13 @@ def parse(job_input: Any, settings: Settings) -> EditInput:
         # An unknown field is usually a typo of a missing one: name the typo first.
         first = next((p for p in problems if p["type"] == "extra_forbidden"), problems[0])
         raise InputError(_sentence(first)) from None
+    loras = params.loras or []
+    if len(loras) > settings.max_loras:
+        raise InputError(f"Input field 'loras' holds {len(loras)} LoRAs; this endpoint allows at most {settings.max_loras} (MAX_LORAS).")
+    for i, lora in enumerate(loras):
+        for j in range(i):
+            if (lora.path, lora.weight_name) == (loras[j].path, loras[j].weight_name):
+                raise InputError(f"Input field 'loras[{i}].path' repeats loras[{j}]; give each LoRA once, with one scale.")
     count = len(params.image_sources())
     if not 1 <= count <= settings.max_input_images:
         raise InputError(
@@ -124,6 +176,13 @@ def resolve_seed(params: EditInput) -> int:
 def _sentence(error: dict) -> str:
     loc = error.get("loc") or ("input",)
     field = str(loc[0])
+    if field == "loras" and len(loc) > 2:  # ("loras", i, "path")
+        name = f"loras[{loc[1]}].{loc[2]}"
+        if error["type"] == "extra_forbidden":
+            return f"Unknown field '{name}'; a LoRA takes path, weight_name and scale."
+        if error["type"] == "missing":
+            return f"Input field '{name}' is required: it must be {LORA_RULES.get(str(loc[2]), 'valid')}."
+        return f"Input field '{name}' must be {LORA_RULES.get(str(loc[2]), 'valid')}; got {_shown(error.get('input'))}."
     if error["type"] == "extra_forbidden":
         guess = FIELD_ALIASES.get(field) or next(iter(difflib.get_close_matches(field, FIELD_RULES, n=1)), None)
         hint = f" (did you mean '{guess}'?)" if guess else ""

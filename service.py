@@ -22,6 +22,8 @@ import schema
 from batching import Batcher, BatcherClosed, WorkerBroken
 from config import Settings
 from engine import EditEngine, EditRequest, EditResult
+from adapters import AppliedLora
+from lora_store import LoraStore
 from model_loader import ModelHolder
 from prompt_budget import PromptBudget, TextTooLong
 
@@ -57,8 +59,9 @@ class EditService:
         self.holder = holder or ModelHolder(settings)
         self.engine = EditEngine(settings, self.holder.get)
         self.prompt_budget = PromptBudget(lambda: self.holder.get().pipe)
-        # Every image of every job the worker holds can download at once: none waits for a thread.
-        self.downloads = fetching.downloads_pool(settings.max_concurrency * settings.max_input_images)
+        # Every image and LoRA of every job the worker holds can download at once: none waits for a thread.
+        self.downloads = fetching.downloads_pool(settings.max_concurrency * (settings.max_input_images + settings.max_loras))
+        self.lora_store = LoraStore(settings, self.downloads)
         self._progress = progress
         self.batcher: Batcher[EditRequest, EditResult] = Batcher(
             run_batch=self._run_batch,
@@ -105,11 +108,13 @@ class EditService:
 
     async def handle(self, job: dict) -> dict:
         started = time.perf_counter()
+        loras: tuple[AppliedLora, ...] = ()
         try:
             params = schema.parse(job.get("input"), self.settings)
             pictures = await images.load_images_async(params.image_sources(), self.settings, self.downloads)
+            loras = await self._loras(params)
             fetched = time.perf_counter()
-            request = self.build_request(params, pictures, self._progress_reporter(job))
+            request = self.build_request(params, pictures, self._progress_reporter(job), loras)
             plan = self.engine.plan(request)
             outputs.check_fits(request.num_images, plan.width, plan.height, params.output_format, self.settings)
             await asyncio.to_thread(self._check_text_fits, request, plan)
@@ -130,8 +135,22 @@ class EditService:
         except Exception:  # the GPU side failed for this request alone: the log has the details
             log.exception("job %s failed", job.get("id"))
             return {"error": f"The edit failed inside the worker (logged with job id {job.get('id')}); retry the job."}
+        finally:
+            if loras:
+                self.lora_store.release([lora.file for lora in loras])
 
-    def build_request(self, params: schema.EditInput, pictures: list, progress=None) -> EditRequest:
+    async def _loras(self, params: schema.EditInput) -> tuple[AppliedLora, ...]:
+        if not params.loras:
+            return ()
+        if self.settings.precision_mode == "fp8":
+            raise schema.InputError(
+                "Input field 'loras' cannot be used with PRECISION_MODE=fp8 on this endpoint: its float8 "
+                "transformer does not take LoRA adapters; use an endpoint in bf16, 8bit or 4bit."
+            )
+        files = await self.lora_store.resolve(params.loras)
+        return tuple(AppliedLora(file, lora.scale, i) for i, (file, lora) in enumerate(zip(files, params.loras)))
+
+    def build_request(self, params: schema.EditInput, pictures: list, progress=None, loras=()) -> EditRequest:
         steps = params.num_inference_steps or self.settings.default_steps
         cfg = params.true_cfg_scale if params.true_cfg_scale is not None else self.settings.default_true_cfg_scale
         return EditRequest(
@@ -144,6 +163,7 @@ class EditService:
             width=params.width,
             height=params.height,
             num_images=params.num_images,
+            loras=tuple(loras),
             progress=progress,
         )
 
@@ -177,6 +197,11 @@ class EditService:
             "height": result.height,
             "precision": model.precision,
             "batch_size": result.batch_size,
+            "loras": [
+                {"path": lora.path, **({"weight_name": lora.weight_name} if lora.weight_name else {}),
+                 "scale": lora.scale, "sha256": applied.file.sha256}
+                for lora, applied in zip(params.loras or [], request.loras)
+            ],  # fmt: skip
             "warnings": job_warnings(params, request, self.settings),
         }
 

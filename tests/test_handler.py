@@ -112,9 +112,9 @@ def test_service_answers_every_documented_field(tiny_settings, base_holder):
     assert bad == {"error": "Input image 1 is neither an http(s) URL nor valid base64."}
     assert set(good) == {
         "images", "output_format", "seed", "prompt", "num_inference_steps", "true_cfg_scale",
-        "lightning_enabled", "width", "height", "precision", "batch_size", "timings_ms", "warnings",
+        "lightning_enabled", "width", "height", "precision", "batch_size", "timings_ms", "warnings", "loras",
     }  # fmt: skip
-    assert good["warnings"] == []
+    assert good["warnings"] == [] and good["loras"] == []
     assert len(good["images"]) == 2  # several images: the list alone, each image once
     assert good["images"][0] != good["images"][1]
     assert decoded(good["images"][1]).size == (96, 64)

@@ -1,0 +1,236 @@
+"""Per-request LoRAs on the tiny model: every format diffusers reads, scaled as alpha/rank
+says; fetched like images, cached on disk and on the GPU; bad ones refused in a sentence."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from config import Settings
+from model_loader import ModelHolder
+from service import EditService
+from tests.image_server import ImageServer
+from tests.test_handler import SAMPLE
+
+RANK, ALPHA = 4, 1.0  # alpha != rank: an ignored alpha shows
+FORMATS = ("peft", "kohya", "lightx2v", "diffsynth", "comfyui")
+
+
+@pytest.fixture(scope="module")
+def holder(tiny_env) -> ModelHolder:
+    """A model of this module's own: loading adapters changes the transformer's modules."""
+    holder = ModelHolder(Settings.from_env(tiny_env()))
+    holder.get()
+    return holder
+
+
+def targets(pipe, kind: str = ".attn.to_") -> dict[str, torch.nn.Module]:
+    """The transformer's own linear layers (or the adapters wrapping them) of one kind."""
+    modules = dict(pipe.transformer.named_modules())
+    return {n: m for n, m in modules.items() if n.startswith("transformer_blocks.") and kind in n
+            and isinstance(getattr(m, "base_layer", m), torch.nn.Linear) and not _inside_adapter(n)}  # fmt: skip
+
+
+def _inside_adapter(name: str) -> bool:
+    return any(part in name.split(".") for part in ("base_layer", "lora_A", "lora_B", "lora_dropout"))
+
+
+def low_rank(pipe, seed: int, kind: str = ".attn.to_", rank: int = RANK) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    layers = {name: getattr(m, "base_layer", m) for name, m in targets(pipe, kind).items()}
+    return {name: (torch.randn(rank, m.in_features, generator=generator) * 0.5,
+                   torch.randn(m.out_features, rank, generator=generator) * 0.5)
+            for name, m in layers.items()}  # fmt: skip
+
+
+def written(weights, fmt: str, alpha: float = ALPHA) -> bytes:
+    """The same low-rank weights in one of the formats people publish (alpha kept, or folded in)."""
+    state = {}
+    for name, (down, up) in weights.items():
+        rank, flat = down.shape[0], name.replace(".", "_")
+        if fmt == "peft":  # diffusers/PEFT keys have no alpha: fold alpha/rank into up
+            state |= {f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up * alpha / rank}
+        elif fmt == "kohya":
+            state |= {f"lora_unet_{flat}.lora_down.weight": down, f"lora_unet_{flat}.lora_up.weight": up,
+                      f"lora_unet_{flat}.alpha": torch.tensor(alpha)}  # fmt: skip
+        elif fmt == "lightx2v":
+            state |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(alpha)}
+        elif fmt == "diffsynth":
+            state |= {f"{name}.lora_A.default.weight": down, f"{name}.lora_B.default.weight": up * alpha / rank}
+        elif fmt == "comfyui":
+            state |= {f"diffusion_model.{name}.lora_A.weight": down, f"diffusion_model.{name}.lora_B.weight": up,
+                      f"diffusion_model.{name}.alpha": torch.tensor(alpha)}  # fmt: skip
+    buffer = io.BytesIO()
+    buffer.write(_safetensors_bytes(state))
+    return buffer.getvalue()
+
+
+def _safetensors_bytes(state) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in state.items()})
+
+
+@pytest.fixture
+def server():
+    srv = ImageServer()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def settings(tiny_env, tmp_path) -> Settings:
+    # The LoRA cache lives in MODEL_DIR: a fresh one per test; the model comes from `holder`.
+    return dataclasses.replace(Settings.from_env(tiny_env(ALLOW_PRIVATE_IMAGE_URLS="true")), model_dir=str(tmp_path))
+
+
+def job(loras=None, seed: int = 5, **extra) -> dict:
+    payload = {"prompt": "make it blue", "images": [SAMPLE], "width": 64, "height": 64, "seed": seed,
+               "num_inference_steps": 2, **extra}  # fmt: skip
+    if loras is not None:
+        payload["loras"] = loras
+    return {"id": f"job-{seed}", "input": payload}
+
+
+def run(settings: Settings, holder: ModelHolder, *jobs: dict, service: EditService | None = None) -> list[dict]:
+    async def scenario():
+        svc = service or EditService(settings, holder=holder)
+        try:
+            return await asyncio.gather(*(svc.handle(j) for j in jobs))
+        finally:
+            if service is None:
+                svc.close()
+
+    return asyncio.run(scenario())
+
+
+def pixels(answer: dict) -> np.ndarray:
+    assert "output_image_base64" in answer, answer
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["output_image_base64"])))).astype(int)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_format_changes_each_module_by_scale_alpha_over_rank_up_down(holder, settings, server, fmt):
+    weights = low_rank(holder.get().pipe, seed=1)
+    server.serve_bytes(f"/{fmt}.safetensors", written(weights, fmt))
+    service = EditService(settings, holder=holder)
+    try:
+        (answer,) = run(settings, holder, job([{"path": server.url(f"/{fmt}.safetensors"), "scale": 0.7}]), service=service)
+        assert "output_image_base64" in answer, answer
+        adapter = holder.get().adapters
+        name = f"user_{answer['loras'][0]['sha256'][:16]}"
+        layers = {n: m for n, m in holder.get().pipe.transformer.named_modules() if n in weights}
+        for module, (down, up) in weights.items():
+            expected = 0.7 * ALPHA / RANK * up @ down
+            assert torch.allclose(layers[module].get_delta_weight(name), expected, atol=1e-5), (fmt, module)
+        assert adapter.loads >= 1
+    finally:
+        service.close()
+
+
+def test_the_same_weights_in_two_formats_give_the_same_pixels(holder, settings, server):
+    weights = low_rank(holder.get().pipe, seed=2)
+    server.serve_bytes("/a.safetensors", written(weights, "kohya"))
+    server.serve_bytes("/b.safetensors", written(weights, "diffsynth"))
+    a, b, base = run(settings, holder, job([{"path": server.url("/a.safetensors"), "scale": 3}]),
+                     job([{"path": server.url("/b.safetensors"), "scale": 3}]), job())  # fmt: skip
+    assert a["loras"][0]["sha256"] != b["loras"][0]["sha256"]
+    assert np.abs(pixels(a) - pixels(b)).max() <= 1  # float32 sums in another order
+    assert np.abs(pixels(a) - pixels(base)).max() > 3  # and the LoRA did something
+
+
+def test_jobs_get_what_they_get_alone_and_a_lora_free_job_is_the_base_output(holder, settings, server, tiny_env):
+    pipe = holder.get().pipe
+    server.serve_bytes("/one.safetensors", written(low_rank(pipe, seed=3), "lightx2v"))
+    server.serve_bytes("/two.safetensors", written(low_rank(pipe, seed=4, kind=".img_mlp."), "kohya"))
+    one = [{"path": server.url("/one.safetensors"), "scale": 1.5}]
+    both = [{"path": server.url("/two.safetensors")}, {"path": server.url("/one.safetensors"), "scale": -0.5}]
+    alone = [run(settings, holder, j)[0] for j in (job(one), job(both), job())]
+    together = run(settings, holder, job(one), job(both), job())
+    for a, t in zip(alone, together):
+        assert np.array_equal(pixels(a), pixels(t))
+    fresh = ModelHolder(Settings.from_env(tiny_env()))
+    (base,) = run(settings, fresh, job())
+    assert np.array_equal(pixels(together[2]), pixels(base))  # bit-identical to a worker that never saw a LoRA
+    (zero,) = run(settings, holder, job([{"path": server.url("/one.safetensors"), "scale": 0}]))
+    assert np.array_equal(pixels(zero), pixels(base))
+    assert together[1]["loras"] == [
+        {"path": both[0]["path"], "scale": 1.0, "sha256": together[1]["loras"][0]["sha256"]},
+        {"path": both[1]["path"], "scale": -0.5, "sha256": together[0]["loras"][0]["sha256"]},
+    ]
+
+
+def test_a_second_job_neither_downloads_nor_loads_the_lora_again(holder, settings, server):
+    server.serve_bytes("/c.safetensors", written(low_rank(holder.get().pipe, seed=5), "peft"))
+    service = EditService(settings, holder=holder)
+    try:
+        lora = [{"path": server.url("/c.safetensors")}]
+        run(settings, holder, job(lora, seed=1), service=service)
+        loads = holder.get().adapters.loads
+        run(settings, holder, job(lora, seed=2), service=service)
+        assert server.hits.count("/c.safetensors") == 1 and holder.get().adapters.loads == loads
+    finally:
+        service.close()
+    # A new worker on the same MODEL_DIR finds the file on disk.
+    run(settings, holder, job(lora, seed=3))
+    assert server.hits.count("/c.safetensors") == 1
+
+
+def test_the_disk_cache_stays_under_its_bound(holder, settings, server, tmp_path):
+    pipe = holder.get().pipe
+    small = dataclasses.replace(settings, lora_cache_gb=2.5 * len(written(low_rank(pipe, seed=6), "peft")) / 1024**3)
+    for seed in range(6, 10):
+        server.serve_bytes(f"/{seed}.safetensors", written(low_rank(pipe, seed=seed), "peft"))
+        (answer,) = run(small, holder, job([{"path": server.url(f"/{seed}.safetensors")}]))
+        assert "output_image_base64" in answer
+    kept = list((tmp_path / "loras").glob("*.safetensors"))
+    assert len(kept) == 2  # the two most recently used
+
+
+def test_bad_loras_get_a_sentence_naming_the_entry_and_the_worker_keeps_serving(holder, settings, server):
+    pipe = holder.get().pipe
+    server.serve_bytes("/text.safetensors", b"this is not a safetensors file at all")
+    server.serve_bytes("/other.safetensors", _safetensors_bytes({"lora_unet_down_blocks_0.lora_down.weight": torch.ones(4, 8),
+                                                                 "unet.mid.lora_A.weight": torch.ones(4, 8)}))  # fmt: skip
+    wrong = {name: (down[:, :-1], up) for name, (down, up) in low_rank(pipe, seed=11).items()}  # one column short
+    server.serve_bytes("/shape.safetensors", written(wrong, "peft"))
+    server.serve_bytes("/te.safetensors", _safetensors_bytes({"lora_te_text_model_encoder_layers_0.lora_down.weight": torch.ones(4, 8)}))
+    server.serve_bytes("/big.safetensors", b"\0" * 2_000_000)
+    server.trickle("/slow.safetensors", total=100, every_s=0.5)
+    cases = {
+        "/text.safetensors": "is not a safetensors file.",
+        "/other.safetensors": "matches none of the transformer's layers: it is not a Qwen-Image LoRA.",
+        "/shape.safetensors": "does not fit this model: its layer shapes differ from the transformer's.",
+        "/te.safetensors": "is a text-encoder LoRA; this worker applies LoRAs to the transformer only.",
+        "/big.safetensors": "is larger than MAX_LORA_BYTES (1048576 bytes).",
+        "/slow.safetensors": "took longer than LORA_DOWNLOAD_TIMEOUT_S (1 s) to download.",
+    }
+    limited = dataclasses.replace(settings, max_lora_bytes=1024**2, lora_download_timeout_s=1.0)
+    for path, ending in cases.items():
+        (answer,) = run(limited, holder, job([{"path": server.url(path)}]))
+        url = server.url(path)
+        assert answer == {"error": f"Input field 'loras[0].path' ({url}) {ending}"}, answer
+    (good,) = run(limited, holder, job())
+    assert "output_image_base64" in good
+
+
+def test_a_refused_address_is_never_fetched(holder, tiny_env, tmp_path, server):
+    strict = dataclasses.replace(Settings.from_env(tiny_env()), model_dir=str(tmp_path))
+    (answer,) = run(strict, holder, job([{"path": server.url("/x.safetensors")}]))
+    assert answer["error"].startswith("Input field 'loras[0].path' (http://127.0.0.1:")
+    assert "private or reserved address (127.0.0.1)" in answer["error"] and server.hits == []
+
+
+def test_fp8_endpoints_say_they_take_no_loras(holder, settings, server):
+    fp8 = dataclasses.replace(settings, precision_mode="fp8")
+    (answer,) = run(fp8, holder, job([{"path": server.url("/x.safetensors")}]))
+    assert answer["error"].startswith("Input field 'loras' cannot be used with PRECISION_MODE=fp8")
+    assert server.hits == []
