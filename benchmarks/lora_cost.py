@@ -1,0 +1,147 @@
+"""What per-request LoRAs cost at real size on one GPU, measured in one run.
+
+    python3 benchmarks/lora_cost.py --out $OUT [--skip-quantized]
+
+Real-size Qwen-Image-Edit-2509 with random weights (`gpu_speed.build_pipeline`), bf16,
+1024² output from a 1024² input, 8 Lightning steps, one job at a time through the
+worker's `EditService`. Three rank-64 Lightning-format LoRAs covering the transformer's 720
+linear layers are served from a loopback HTTP server. The run starts compiled, as a worker
+does, and goes through: base jobs; the first LoRA job (download, load, and the switch to
+the eager transformer); repeats; a switch to another LoRA; back to a loaded one; three
+LoRAs at once; base jobs again (now eager). Each row is one job: wall time and denoise time.
+With `--skip-quantized` off, it then runs one LoRA job on the tiny model in 4-bit (PEFT on
+bitsandbytes layers) to show that path works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import http.server
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from config import Settings  # noqa: E402
+from gpu_speed import Preloaded, build_pipeline, input_png  # noqa: E402
+from model_loader import LoadedModel  # noqa: E402
+from service import EditService  # noqa: E402
+
+
+def lightning_format_lora(transformer, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in transformer.named_modules():
+        if not name.startswith("transformer_blocks.") or not isinstance(module, torch.nn.Linear):
+            continue
+        if ".attn." not in name and ".img_mlp." not in name and ".txt_mlp." not in name:
+            continue
+        state[f"{name}.lora_down.weight"] = (torch.randn(rank, module.in_features, generator=generator) * 0.01).bfloat16()
+        state[f"{name}.lora_up.weight"] = (torch.randn(module.out_features, rank, generator=generator) * 0.01).bfloat16()
+        state[f"{name}.alpha"] = torch.tensor(8.0).bfloat16()
+    return state
+
+
+def serve(folder: str) -> int:
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd.server_address[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--skip-quantized", action="store_true")
+    args = parser.parse_args()
+    folder = tempfile.mkdtemp()
+    pipe = build_pipeline()
+    start = time.perf_counter()
+    for k in range(3):
+        save_file(lightning_format_lora(pipe.transformer, 64, k), f"{folder}/lora{k}.safetensors")
+    print(f"wrote three rank-64 LoRAs in {time.perf_counter() - start:.0f} s", flush=True)
+    port = serve(folder)
+    url = lambda k: f"http://127.0.0.1:{port}/lora{k}.safetensors"  # noqa: E731
+    settings = Settings.from_env({"MODEL_ID": "real-size-random", "MODEL_DIR": tempfile.mkdtemp(),
+                                  "ALLOW_PRIVATE_IMAGE_URLS": "true", "MAX_BATCH_SIZE": "1"})  # fmt: skip
+    pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    model = LoadedModel(pipe, torch.device("cuda"), torch.bfloat16, "bf16", True, "none", compiled=True)
+    image = input_png(1024, 0)
+    plan = [("warm-up (compiles)", []), ("base, compiled", []), ("base, compiled", []),
+            ("first LoRA: download, load, turn eager", [0]), ("same LoRA", [0]), ("same LoRA", [0]),
+            ("switch to another LoRA (download, load)", [1]), ("back to the first (loaded)", [0]),
+            ("three LoRAs (one new)", [0, 1, 2]), ("three LoRAs", [0, 1, 2]), ("base, eager now", []),
+            ("base, eager", [])]  # fmt: skip
+    rows = []
+
+    async def scenario():
+        service = EditService(settings, holder=Preloaded(model))
+        try:
+            for n, (label, loras) in enumerate(plan):
+                job = {"id": f"j{n}", "input": {"prompt": "Add a red hat to the person on the left", "image_base64": image,
+                       "width": 1024, "height": 1024, "seed": 1, "loras": [{"path": url(k)} for k in loras]}}  # fmt: skip
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                answer = await service.handle(job)
+                seconds = time.perf_counter() - start
+                if "error" in answer:
+                    raise SystemExit(f"{label}: {answer['error']}")
+                rows.append({"job": label, "loras": len(loras), "wall_s": round(seconds, 2),
+                             "denoise_s": round(answer["timings_ms"]["denoise"] / 1000, 2),
+                             "compiled": model.compiled})  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            service.close()
+
+    asyncio.run(scenario())
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, 1024² Lightning-8, bf16\n")
+    print("| job | LoRAs | wall s | denoise s | transformer |\n| --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['job']} | {row['loras']} | {row['wall_s']} | {row['denoise_s']} | {'compiled' if row['compiled'] else 'eager'} |")
+    Path(args.out, "lora_cost.json").write_text(json.dumps(rows, indent=1))
+    del pipe, model
+    torch.cuda.empty_cache()
+    if not args.skip_quantized:
+        check_quantized(url(0))
+
+
+def check_quantized(lora_url: str) -> None:
+    """One LoRA job on the tiny model in 4-bit: PEFT layers over bitsandbytes, Lightning kept active."""
+    import model_loader
+    from tiny_model import ensure_tiny_model
+
+    folder = tempfile.mkdtemp()
+    settings = Settings.from_env({"MODEL_ID": "tiny-random", "MODEL_DIR": folder, "PRECISION_MODE": "4bit",
+                                  "ALLOW_PRIVATE_IMAGE_URLS": "true"})  # fmt: skip
+    holder = model_loader.ModelHolder(settings)
+    model = holder.get()
+    port = serve(str(ensure_tiny_model(folder)))  # its Lightning-format file serves as a user LoRA
+
+    async def scenario():
+        service = EditService(settings, holder=holder)
+        try:
+            job = {"id": "q", "input": {"prompt": "x", "image_base64": input_png(64, 1), "width": 64, "height": 64,
+                   "loras": [{"path": f"http://127.0.0.1:{port}/lightning-lora.safetensors", "scale": 0.8}]}}  # fmt: skip
+            return await service.handle(job)
+        finally:
+            service.close()
+
+    answer = asyncio.run(scenario())
+    active = model.pipe.transformer.active_adapters() if hasattr(model.pipe.transformer, "active_adapters") else "?"
+    print(json.dumps({"4bit LoRA job": "error" not in answer, "error": answer.get("error"), "active_adapters": active}))
+
+
+if __name__ == "__main__":
+    main()
