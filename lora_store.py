@@ -182,7 +182,7 @@ class LoraStore:
     def _from_hub(self, lora: LoraInput, subject: str) -> Path:
         """A repo's file: from RunPod's model cache or the Hugging Face cache, else downloaded."""
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        from huggingface_hub.errors import LocalEntryNotFoundError
 
         weight_name = lora.weight_name or self._only_safetensors(lora.path, subject)
         for cache_dir in (RUNPOD_HF_CACHE, None):
@@ -192,7 +192,7 @@ class LoraStore:
                 continue
         try:
             path = Path(hf_hub_download(lora.path, weight_name, local_dir=self._tmp() / uuid.uuid4().hex))
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError):
+        except Exception:  # noqa: BLE001 - huggingface_hub's and its HTTP client's errors
             raise InputError(f"{subject} could not be downloaded from Hugging Face (no such repo or file, or access refused).") from None
         if path.stat().st_size > self.settings.max_lora_bytes:
             path.unlink()
@@ -205,13 +205,12 @@ class LoraStore:
     def _only_safetensors(self, repo: str, subject: str) -> str:
         """The repo's one .safetensors file (a repo with several needs `weight_name`)."""
         from huggingface_hub import list_repo_files
-        from huggingface_hub.errors import HfHubHTTPError
 
         names = _local_safetensors(repo)
         if not names:
             try:
                 names = [n for n in list_repo_files(repo) if n.endswith(".safetensors")]
-            except (HfHubHTTPError, OSError, ValueError):
+            except Exception:  # noqa: BLE001 - huggingface_hub's and its HTTP client's errors
                 raise InputError(f"{subject} could not be listed on Hugging Face (no such repo, or access refused).") from None
         if len(names) != 1:
             raise InputError(

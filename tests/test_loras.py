@@ -234,3 +234,34 @@ def test_fp8_endpoints_say_they_take_no_loras(holder, settings, server):
     (answer,) = run(fp8, holder, job([{"path": server.url("/x.safetensors")}]))
     assert answer["error"].startswith("Input field 'loras' cannot be used with PRECISION_MODE=fp8")
     assert server.hits == []
+
+
+def _in_hub_cache(root, repo: str, files: dict[str, bytes], revision: str = "a" * 40) -> None:
+    """Lay files out as huggingface_hub's cache does (models--owner--name/snapshots/rev)."""
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    for name, data in files.items():
+        path = repo_dir / "snapshots" / revision / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(revision)
+
+
+def test_a_repo_lora_is_found_in_runpods_model_cache_without_downloading(holder, settings, tmp_path, monkeypatch):
+    import lora_store
+
+    cache = tmp_path / "runpod-cache"
+    lora = written(low_rank(holder.get().pipe, seed=12), "kohya")
+    _in_hub_cache(cache, "acme/one-file", {"style.safetensors": lora})
+    _in_hub_cache(cache, "acme/two-files", {"a.safetensors": lora, "b/c.safetensors": lora})
+    monkeypatch.setattr(lora_store, "RUNPOD_HF_CACHE", str(cache))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no request leaves the machine
+    named, only, two, unknown = run(settings, holder, job([{"path": "acme/two-files", "weight_name": "b/c.safetensors"}]),
+                                    job([{"path": "acme/one-file"}]), job([{"path": "acme/two-files"}]),
+                                    job([{"path": "acme/absent"}]))  # fmt: skip
+    assert named["loras"][0]["sha256"] == only["loras"][0]["sha256"]  # the same bytes under two names
+    assert named["loras"][0]["weight_name"] == "b/c.safetensors" and "weight_name" not in only["loras"][0]
+    assert two == {"error": "Input field 'loras[0].path' (acme/two-files) holds 2 .safetensors files; name one with 'weight_name'."}
+    assert unknown["error"].startswith("Input field 'loras[0].path' (acme/absent) could not be listed on Hugging Face")

@@ -171,3 +171,40 @@ def test_a_job_holding_a_huge_integer_does_not_lose_the_jobs_taken_with_it(stand
         "Input field 'seed' must be a whole number from 0 to 4294967295; got an integer of 5000 digits."
     )
     assert all("output" in standin.results[i][0] for i in ("good-1", "good-2"))
+
+
+def test_lora_jobs_through_the_sdk_loop_get_the_same_pixels_whatever_ran_beside_them(standin, tiny_env, tmp_path,
+                                                                                   base_holder):  # fmt: skip
+    from tests.image_server import ImageServer
+    from tests.test_loras import low_rank, written
+
+    server = ImageServer()
+    pipe = base_holder.get().pipe
+    server.serve_bytes("/one.safetensors", written(low_rank(pipe, seed=21), "lightx2v"))
+    server.serve_bytes("/two.safetensors", written(low_rank(pipe, seed=22, kind=".img_mlp."), "comfyui"))
+    one = [{"path": server.url("/one.safetensors"), "scale": 2.0}]
+    both = [{"path": server.url("/two.safetensors"), "scale": 3.0}, one[0]]
+
+    def lora_job(name: str, loras) -> dict:
+        job = good_job(0, seed=77)
+        return {"id": name, "input": {**job["input"], **({"loras": loras} if loras else {})}}
+
+    jobs = [lora_job("plain-0", None), lora_job("one-0", one), lora_job("both-0", both), lora_job("plain-1", None),
+            lora_job("one-1", one), lora_job("both-1", both)]  # fmt: skip
+    standin.add_jobs(jobs)
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(standin, tiny_env, log_path, MAX_CONCURRENCY="3", BATCH_WAIT_MS="100",
+                        ALLOW_PRIVATE_IMAGE_URLS="true", MODEL_DIR=str(tmp_path / "models"))  # fmt: skip
+    try:
+        finished = standin.wait_for_results(len(jobs), timeout=240)
+    finally:
+        code, output = stop_worker(proc, log_path)
+        server.close()
+    assert finished and code == 0, output[-4000:]
+    results = {name: standin.results[name][0] for name in standin.results}
+    assert all(len(answers) == 1 for answers in standin.results.values())
+    for kind in ("plain", "one", "both"):
+        assert np.array_equal(pixels(results[f"{kind}-0"]), pixels(results[f"{kind}-1"])), kind
+    assert not np.array_equal(pixels(results["one-0"]), pixels(results["plain-0"]))
+    assert not np.array_equal(pixels(results["both-0"]), pixels(results["one-0"]))
+    assert server.hits.count("/one.safetensors") == 1  # fetched once for four jobs
