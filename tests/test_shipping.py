@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import schema
 from config import Settings, variable_names, variable_specs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +83,9 @@ def test_runpod_test_manifest_uses_configs_variables():
     tests = json.loads((ROOT / ".runpod" / "tests.json").read_text())
     assert {entry["key"] for entry in tests["config"]["env"]} <= names
     assert tests["tests"] and all("prompt" in t["input"] for t in tests["tests"])
+    for test in tests["tests"]:  # every test job is valid input for the worker
+        schema.parse(test["input"], Settings.from_env({}))
+    assert any(test["input"].get("loras") for test in tests["tests"])
 
 
 def test_readme_documents_every_variable_and_the_test_command():
