@@ -1,11 +1,21 @@
-"""User LoRAs on the GPU: loaded as diffusers adapters by content, switched per batch.
+"""User LoRAs on the GPU: switched per batch, on the GPU thread only.
 
-Runs on the GPU thread only (loading changes the transformer's modules). Each file is
-loaded once, as adapter `user_<sha256 prefix>`, and kept until `MAX_LOADED_LORAS` others were
-used more recently (then removed with `delete_adapters`). A batch activates exactly its
-requests' adapters at their scales with `set_adapters`; a batch without user LoRAs disables
-them, so its output is the base model's, bit for bit. The Lightning adapter, where it stays
-unfused (quantized weights), is kept active in every batch.
+Two ways, chosen at load:
+
+- **Slots, for a compiled transformer** (`prepare_slots`): diffusers' `enable_lora_hotswap`
+  pads adapters to `MAX_LORA_RANK`; `MAX_LORAS` adapter slots are loaded with a blank (zero)
+  LoRA over every linear layer of the transformer blocks before compiling. A batch's LoRAs
+  are hot-swapped into the slots in order (`load_lora_weights(..., hotswap=True)` copies
+  weights in place, the job's scale folded into the up-projection), unused slots hold the
+  blank, and a batch without LoRAs disables the slots. Compiled once for each of those two
+  states at the warm-up, it never recompiles (measured on an H200: `BENCHMARKS.md`).
+  Converted LoRAs are kept in CPU memory, the `MAX_LOADED_LORAS` most recently used.
+- **Named adapters, eager** (quantized or offloaded models, CPU): each file is loaded once,
+  as adapter `user_<sha256 prefix>`, and kept until `MAX_LOADED_LORAS` others were used more
+  recently; a batch activates its adapters at their scales with `set_adapters`.
+
+Either way a batch without user LoRAs computes the base model's output, bit for bit, and an
+unfused Lightning adapter (quantized weights) stays active in every batch.
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+
+import torch
 
 import compilation
 from lora_store import LoraFile
@@ -34,13 +46,59 @@ class AppliedLora:
         return f"user_{self.file.sha256[:16]}"
 
 
+BLANK = ("blank", 0.0)
+SLOT_PREFIX = "slot"
+
+
+def prepare_slots(pipe, count: int, rank: int) -> tuple[str, ...]:
+    """Before compiling: `count` hot-swappable adapter slots holding a blank LoRA, disabled."""
+    pipe.enable_lora_hotswap(target_rank=rank)
+    names = tuple(f"{SLOT_PREFIX}{i}" for i in range(count))
+    # At the full rank: diffusers pads only the first adapter loaded after enable_lora_hotswap,
+    # and swapping a larger LoRA into an unpadded slot replaces its parameters (a recompilation).
+    for name in names:  # each slot its own tensors: loading may keep them, and swaps copy into them
+        pipe.load_lora_weights(blank_lora(pipe.transformer, rank), adapter_name=name)
+    # Every slot active at scale 1: a job's scale (and its LoRA's alpha) is folded into the weights.
+    pipe.set_adapters(list(names), adapter_weights=[1.0] * len(names))
+    pipe.disable_lora()
+    log.info("%d LoRA slots of rank %d prepared for hot-swapping", count, rank)
+    return names
+
+
+def blank_lora(transformer, rank: int = 1) -> dict[str, torch.Tensor]:
+    """Zero low-rank weights for every linear layer of the transformer blocks (diffusers keys;
+    hot-swapping pads them to the slots' rank). Works before and after adapters are injected."""
+    state = {}
+    for name, module in transformer.named_modules():
+        if not name.startswith("transformer_blocks.") or _inside_adapter(name):
+            continue
+        base = getattr(module, "base_layer", module)
+        if type(base) is torch.nn.Linear:
+            state[f"transformer.{name}.lora_A.weight"] = torch.zeros(rank, base.in_features, dtype=base.weight.dtype)
+            state[f"transformer.{name}.lora_B.weight"] = torch.zeros(base.out_features, rank, dtype=base.weight.dtype)
+    return state
+
+
+def _inside_adapter(name: str) -> bool:
+    return any(part in ("base_layer", "lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B",
+                        "lora_magnitude_vector") for part in name.split("."))  # fmt: skip
+
+
 class AdapterCache:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._loaded: OrderedDict[str, None] = OrderedDict()
         self.loads = 0
+        self._states: OrderedDict[str, dict] = OrderedDict()  # sha256 -> converted state dict (slots)
+        self._slot_holds: dict[str, tuple[str, float]] = {}
+        self._slots_enabled = False
+        self._blank: dict | None = None
+        self.swaps = 0
 
     def apply(self, model, loras: tuple[AppliedLora, ...]) -> None:
+        if model.lora_slots:
+            self._apply_slots(model, loras)
+            return
         pipe = model.pipe
         if loras and model.compiled:
             # Swapping adapters under the compiled blocks would recompile them for every set.
@@ -57,6 +115,96 @@ class AdapterCache:
         elif self._loaded:
             pipe.disable_lora()
         self._evict(pipe, keep=set(names))
+
+    # ------------------------------------------------------------------- slots (compiled)
+
+    def _apply_slots(self, model, loras: tuple[AppliedLora, ...]) -> None:
+        pipe = model.pipe
+        if not loras:
+            if self._slots_enabled:
+                pipe.disable_lora()
+                self._slots_enabled = False
+            return
+        for i, slot in enumerate(model.lora_slots):
+            lora = loras[i] if i < len(loras) else None
+            wanted = (lora.file.sha256, lora.scale) if lora else BLANK
+            if self._slot_holds.get(slot, BLANK) == wanted:
+                continue
+            state = self._scaled_state(pipe, lora, model.lora_rank) if lora else self._full(pipe, {}, model.lora_rank)
+            self._slot_holds[slot] = ("unknown", 0.0)  # until the swap has finished
+            pipe.load_lora_weights(state, adapter_name=slot, hotswap=True)
+            self._slot_holds[slot] = wanted
+            self.swaps += 1
+        if not self._slots_enabled:
+            pipe.enable_lora()
+            self._slots_enabled = True
+
+    def _blank_state(self, pipe) -> dict:
+        """The transformer blocks' layers at rank 1, zero: the key and shape reference."""
+        if self._blank is None:
+            self._blank = blank_lora(pipe.transformer)
+        return self._blank
+
+    def _full(self, pipe, state: dict, rank: int, scale: float = 1.0) -> dict:
+        """Every layer of the slots at the slots' rank: the LoRA's weights zero-padded (its
+        up-projection times `scale`), zeros elsewhere. A swap then only copies in place:
+        letting peft pad or zero layers itself replaces parameters, which recompiles."""
+        full = {}
+        for key, reference in self._blank_state(pipe).items():
+            down = ".lora_A." in key
+            shape = (rank, reference.shape[1]) if down else (reference.shape[0], rank)
+            padded = torch.zeros(shape, dtype=reference.dtype)
+            value = state.get(key)
+            if value is not None:
+                if down:
+                    padded[: value.shape[0]] = value
+                else:
+                    padded[:, : value.shape[1]] = value * scale
+            full[key] = padded
+        return full
+
+    def _scaled_state(self, pipe, lora: AppliedLora, rank: int) -> dict:
+        """The LoRA in diffusers' keys, checked against the slots, padded, up-projection times the scale."""
+        state = self._states.get(lora.file.sha256)
+        if state is None:
+            state = self._converted(pipe, lora, rank)
+            self._states[lora.file.sha256] = state
+            self.loads += 1
+            while len(self._states) > self.capacity:
+                self._states.popitem(last=False)
+        self._states.move_to_end(lora.file.sha256)
+        return self._full(pipe, state, rank, lora.scale)
+
+    def _converted(self, pipe, lora: AppliedLora, rank: int) -> dict:
+        """diffusers' conversion of the file to its own keys, alpha folded in, checked against the slots."""
+        from safetensors import safe_open
+
+        subject = f"Input field 'loras[{lora.index}].path' ({lora.file.source})"
+        try:
+            with safe_open(str(lora.file.path), framework="pt") as tensors:
+                raw = {key: tensors.get_tensor(key) for key in tensors.keys()}
+                metadata = tensors.metadata() or {}
+            state = pipe.lora_state_dict(raw)
+        except Exception as error:  # noqa: BLE001 - diffusers' conversion raises many kinds
+            raise LoraError(f"{subject} {_why_not(error)}.") from None
+        fold = _peft_alpha_over_rank(metadata)
+        blank = self._blank_state(pipe)
+        outside = [key for key in state if key not in blank]
+        if outside:
+            reason = "matches none of the transformer's layers: it is not a Qwen-Image LoRA"
+            if len(outside) < len(state):
+                reason = f"targets layers outside the transformer blocks ({outside[0].split('.lora_')[0]})"
+            raise LoraError(f"{subject} {reason}.")
+        for key, value in state.items():
+            down = ".lora_A." in key
+            if down and value.shape[0] > rank:
+                raise LoraError(f"{subject} has rank {value.shape[0]}, above MAX_LORA_RANK ({rank}).")
+            if value.shape[1 if down else 0] != blank[key].shape[1 if down else 0]:
+                raise LoraError(f"{subject} does not fit this model: its layer shapes differ from the transformer's.")
+        dtype = next(iter(blank.values())).dtype
+        return {key: (value * fold if ".lora_B." in key else value).to(dtype) for key, value in state.items()}
+
+    # ------------------------------------------------------------------- named adapters (eager)
 
     def _load(self, pipe, lora: AppliedLora) -> None:
         name = lora.adapter
@@ -80,6 +228,17 @@ class AdapterCache:
                 pipe.delete_adapters(name)
                 del self._loaded[name]
                 log.info("LoRA adapter %s removed (MAX_LOADED_LORAS=%d)", name, self.capacity)
+
+
+def _peft_alpha_over_rank(metadata: dict) -> float:
+    """A PEFT-format file keeps its alpha in its metadata (diffusers' key), not in its tensors."""
+    import json
+
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+        return float(config["lora_alpha"]) / float(config["r"]) if "lora_alpha" in config and "r" in config else 1.0
+    except (ValueError, TypeError, ZeroDivisionError):
+        return 1.0
 
 
 NOTHING_MATCHED = ("not found in the base model", "should be empty at this point", "Invalid LoRA checkpoint")

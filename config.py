@@ -72,6 +72,7 @@ class Settings:
     lora_download_timeout_s: float = 300.0
     lora_cache_gb: float = 50.0
     max_loaded_loras: int = 8
+    max_lora_rank: int = 64
 
     @property
     def is_tiny(self) -> bool:
@@ -142,6 +143,7 @@ class Settings:
             lora_download_timeout_s=env.number("LORA_DOWNLOAD_TIMEOUT_S", cls.lora_download_timeout_s, 1, 3600),
             lora_cache_gb=env.number("LORA_CACHE_GB", cls.lora_cache_gb, 0.1, 10_000),
             max_loaded_loras=env.integer("MAX_LOADED_LORAS", cls.max_loaded_loras, 1, 64),
+            max_lora_rank=env.integer("MAX_LORA_RANK", cls.max_lora_rank, 1, 512),
         )
         if settings.batch_cfg and not settings.attention_takes_masks:
             raise ConfigError(

@@ -143,15 +143,24 @@ class EditEngine:
     def warm_up(self) -> None:
         """Compile for the most common shape (the default output size, one square reference)
         before the first job; two prompt lengths, so that later lengths reuse one
-        dynamic-shape graph."""
+        dynamic-shape graph; and the same again with the LoRA slots active, if there are any."""
         side = round_to_multiple(int(self.default_output_area**0.5))
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
-        for prompt in ("warm up", "warm up the compiled transformer with a somewhat longer prompt"):
-            start = time.perf_counter()
-            edit = EditRequest(prompt=prompt, images=(image,), seed=0, num_inference_steps=1,
-                               true_cfg_scale=self._settings.default_true_cfg_scale, width=side, height=side)  # fmt: skip
-            self.run_batch([edit])
-            log.info("warm-up edit took %.1f s", time.perf_counter() - start)
+        model = self._model()
+        for slots_active in (False, True) if model.lora_slots else (False,):
+            if slots_active:
+                model.pipe.enable_lora()
+            try:
+                for prompt in ("warm up", "warm up the compiled transformer with a somewhat longer prompt"):
+                    start = time.perf_counter()
+                    edit = EditRequest(prompt=prompt, images=(image,), seed=0, num_inference_steps=1,
+                                       true_cfg_scale=self._settings.default_true_cfg_scale, width=side, height=side)  # fmt: skip
+                    self.run_batch([edit])
+                    log.info("warm-up edit%s took %.1f s", " (LoRA slots on)" if slots_active else "",
+                             time.perf_counter() - start)  # fmt: skip
+            finally:
+                if slots_active:
+                    model.pipe.disable_lora()
 
     def batch_key(self, request: EditRequest) -> Hashable:
         """Requests with equal keys can share one transformer batch. With an attention backend
@@ -164,14 +173,19 @@ class EditEngine:
         conditions = tuple(condition_size(image) for image in request.images)
         return (*key, conditions, request.prompt, request.negative_prompt if request.do_cfg else None)
 
-    @torch.inference_mode()
     def run_batch(self, requests: Sequence[EditRequest]) -> list[EditResult]:
         if len({self.batch_key(r) for r in requests}) != 1:
             raise ValueError("run_batch needs requests with one batch key")
         model = self._model()
         if model.adapters is None:  # adapters are the model's state, shared by every engine using it
             model.adapters = AdapterCache(self._settings.max_loaded_loras)
+        # Outside inference mode: weights swapped in under it become plain tensors, not
+        # parameters, which the compiled blocks' guards see as a change (a recompilation).
         model.adapters.apply(model, requests[0].loras)
+        with torch.inference_mode():
+            return self._run(model, requests)
+
+    def _run(self, model: LoadedModel, requests: Sequence[EditRequest]) -> list[EditResult]:
         pipe = model.pipe
         plan = self.plan(requests[0])
         timings: dict[str, float] = {}

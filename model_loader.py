@@ -23,6 +23,7 @@ import torch
 from compilation import compile_transformer, should_compile
 from config import Settings
 from devices import check_precision_supported, resolve_device_and_dtype
+from adapters import prepare_slots
 from loras import load_lora
 
 log = logging.getLogger("qwen_edit_worker.model")
@@ -68,6 +69,8 @@ class LoadedModel:
     # Adapters that belong to the model and stay active in every batch (an unfused Lightning).
     base_adapters: tuple[str, ...] = ()
     adapters: object = None  # the user LoRAs loaded into it (adapters.AdapterCache), once one is used
+    lora_slots: tuple[str, ...] = ()  # hot-swappable adapter slots of a compiled transformer
+    lora_rank: int = 0
 
 
 @contextmanager
@@ -281,6 +284,11 @@ def load_model(settings: Settings) -> LoadedModel:
         _quantize_fp8(pipe)
     _apply_memory_options(pipe, settings)
     compiled = should_compile(settings, device, bnb_quantized, offload)
+    slots: tuple[str, ...] = ()
+    if compiled and settings.max_loras > 0 and settings.precision_mode != "fp8":
+        # Before compiling: per-request LoRAs are then hot-swapped without recompiling.
+        with _timed("preparing LoRA slots"):
+            slots = prepare_slots(pipe, settings.max_loras, settings.max_lora_rank)
     if compiled:
         compile_transformer(pipe, settings)
     precision = (
@@ -289,7 +297,8 @@ def load_model(settings: Settings) -> LoadedModel:
         else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     )
     base_adapters = ("lightning",) if settings.use_lightning_lora and bnb_quantized else ()
-    return LoadedModel(pipe, device, dtype, precision, settings.use_lightning_lora, offload, compiled, base_adapters)
+    return LoadedModel(pipe, device, dtype, precision, settings.use_lightning_lora, offload, compiled, base_adapters,
+                       lora_slots=slots, lora_rank=settings.max_lora_rank if slots else 0)  # fmt: skip
 
 
 class ModelHolder:

@@ -265,3 +265,32 @@ def test_a_repo_lora_is_found_in_runpods_model_cache_without_downloading(holder,
     assert named["loras"][0]["weight_name"] == "b/c.safetensors" and "weight_name" not in only["loras"][0]
     assert two == {"error": "Input field 'loras[0].path' (acme/two-files) holds 2 .safetensors files; name one with 'weight_name'."}
     assert unknown["error"].startswith("Input field 'loras[0].path' (acme/absent) could not be listed on Hugging Face")
+
+
+def test_a_compiled_worker_hot_swaps_loras_without_recompiling(tiny_env, tmp_path, server, holder, settings, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled = dataclasses.replace(Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="2", MAX_LORA_RANK="8",
+                                                              ALLOW_PRIVATE_IMAGE_URLS="true")), model_dir=str(tmp_path))  # fmt: skip
+    pipe = holder.get().pipe
+    server.serve_bytes("/a.safetensors", written(low_rank(pipe, seed=31), "kohya"))
+    server.serve_bytes("/b.safetensors", written(low_rank(pipe, seed=32, kind=".img_mlp.", rank=2), "peft"))
+    a, b = {"path": server.url("/a.safetensors"), "scale": 2.0}, {"path": server.url("/b.safetensors"), "scale": 3.0}
+    sequence = [None, [a], [b], [a, b], None, [b, a], [a]]
+    service = EditService(compiled)
+    try:
+        # The first job of a new shape compiles it, with the slots off and on: then switching LoRAs must not.
+        answers = [run(compiled, None, job(loras, seed=40), service=service)[0] for loras in sequence[:2]]
+        graphs = counters["stats"]["unique_graphs"]
+        answers += [run(compiled, None, job(loras, seed=40), service=service)[0] for loras in sequence[2:]]
+        assert counters["stats"]["unique_graphs"] == graphs  # no recompilation across LoRA sets
+        model = service.holder.get()
+        assert model.compiled and model.lora_slots == ("slot0", "slot1")
+    finally:
+        service.close()
+    eager = [run(settings, holder, job(loras, seed=40))[0] for loras in sequence]  # named adapters, eager
+    for loras, hot, reference in zip(sequence, answers, eager):
+        assert np.abs(pixels(hot) - pixels(reference)).max() <= 2, loras  # compiled float32: within 2/255
+    assert np.array_equal(pixels(answers[0]), pixels(answers[4]))  # LoRA-free before and after: the same
+    assert not np.array_equal(pixels(answers[1]), pixels(answers[0]))
