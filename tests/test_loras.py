@@ -294,3 +294,28 @@ def test_a_compiled_worker_hot_swaps_loras_without_recompiling(tiny_env, tmp_pat
         assert np.abs(pixels(hot) - pixels(reference)).max() <= 2, loras  # compiled float32: within 2/255
     assert np.array_equal(pixels(answers[0]), pixels(answers[4]))  # LoRA-free before and after: the same
     assert not np.array_equal(pixels(answers[1]), pixels(answers[0]))
+
+
+def test_slots_refuse_a_higher_rank_and_layers_outside_the_blocks(tiny_env, settings, server):
+    from adapters import prepare_slots
+    from model_loader import load_model
+
+    model = load_model(Settings.from_env(tiny_env()))
+    model.lora_slots, model.lora_rank = prepare_slots(model.pipe, 1, 2), 2  # as a compiled worker, without compiling
+
+    class Loaded:
+        def get(self):
+            return model
+
+    pipe = model.pipe
+    server.serve_bytes("/rank4.safetensors", written(low_rank(pipe, seed=41), "lightx2v"))
+    outside = {**low_rank(pipe, seed=42, rank=2), "proj_out": (torch.ones(2, pipe.transformer.proj_out.in_features),
+                                                             torch.ones(pipe.transformer.proj_out.out_features, 2))}  # fmt: skip
+    server.serve_bytes("/outside.safetensors", written(outside, "peft"))
+    server.serve_bytes("/rank2.safetensors", written(low_rank(pipe, seed=43, rank=2), "peft"))
+    high, out, good, plain = run(settings, Loaded(), job([{"path": server.url("/rank4.safetensors")}]),
+                                 job([{"path": server.url("/outside.safetensors")}]),
+                                 job([{"path": server.url("/rank2.safetensors")}]), job())  # fmt: skip
+    assert high["error"].endswith("has rank 4, above MAX_LORA_RANK (2).")
+    assert out["error"].endswith("targets layers outside the transformer blocks (transformer.proj_out).")
+    assert "output_image_base64" in good and "output_image_base64" in plain
