@@ -7,6 +7,7 @@ an exit before the worker takes a job.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -73,6 +74,8 @@ class Settings:
     lora_cache_gb: float = 50.0
     max_loaded_loras: int = 8
     max_lora_rank: int = 64
+    # LoRAs applied to every job that does not send `loras` (an endpoint serving a fixed set).
+    default_loras: tuple = ()
 
     @property
     def is_tiny(self) -> bool:
@@ -144,6 +147,7 @@ class Settings:
             lora_cache_gb=env.number("LORA_CACHE_GB", cls.lora_cache_gb, 0.1, 10_000),
             max_loaded_loras=env.integer("MAX_LOADED_LORAS", cls.max_loaded_loras, 1, 64),
             max_lora_rank=env.integer("MAX_LORA_RANK", cls.max_lora_rank, 1, 512),
+            default_loras=env.json_list("LORAS"),
         )
         if settings.batch_cfg and not settings.attention_takes_masks:
             raise ConfigError(
@@ -240,6 +244,19 @@ class _Env:
         if raw.lower() in _FALSE:
             return False
         raise ConfigError(f"{name} must be true or false (also 1/0, yes/no, on/off); got {raw!r}.")
+
+    def json_list(self, name: str) -> tuple:
+        """A JSON list of objects (checked in depth where it is used); empty when unset."""
+        raw = self._raw(name, "string", "")
+        if raw is None:
+            return ()
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            raise ConfigError(f'{name} must be a JSON list of objects such as [{{"path": "owner/name", "scale": 0.8}}]; got {raw[:80]!r}.')
+        return tuple(value)
 
     def auto_boolean(self, name: str) -> bool | None:
         """true, false, or auto (None): the worker decides."""

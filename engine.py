@@ -173,15 +173,25 @@ class EditEngine:
         conditions = tuple(condition_size(image) for image in request.images)
         return (*key, conditions, request.prompt, request.negative_prompt if request.do_cfg else None)
 
+    def prepare_loras(self, loras: tuple[AppliedLora, ...]) -> None:
+        """Load (or swap in) `loras` now, as a batch with them would, then switch back to none."""
+        model = self._model()
+        self._adapters(model).apply(model, loras)
+        self._adapters(model).apply(model, ())
+
+    def _adapters(self, model: LoadedModel) -> AdapterCache:
+        """The user LoRAs of the model: its own state, shared by every engine that uses it."""
+        if model.adapters is None:
+            model.adapters = AdapterCache(self._settings.max_loaded_loras)
+        return model.adapters
+
     def run_batch(self, requests: Sequence[EditRequest]) -> list[EditResult]:
         if len({self.batch_key(r) for r in requests}) != 1:
             raise ValueError("run_batch needs requests with one batch key")
         model = self._model()
-        if model.adapters is None:  # adapters are the model's state, shared by every engine using it
-            model.adapters = AdapterCache(self._settings.max_loaded_loras)
         # Outside inference mode: weights swapped in under it become plain tensors, not
         # parameters, which the compiled blocks' guards see as a change (a recompilation).
-        model.adapters.apply(model, requests[0].loras)
+        self._adapters(model).apply(model, requests[0].loras)
         with torch.inference_mode():
             return self._run(model, requests)
 

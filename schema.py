@@ -169,6 +169,23 @@ def parse(job_input: Any, settings: Settings) -> EditInput:
     return params
 
 
+def default_loras(settings: Settings) -> list[LoraInput]:
+    """`LORAS` as LoRA entries, or a `ConfigError` sentence naming the entry."""
+    from config import ConfigError
+
+    entries = []
+    for i, entry in enumerate(settings.default_loras):
+        try:
+            entries.append(LoraInput.model_validate(entry))
+        except ValidationError as error:
+            problem = error.errors()[0]
+            field = ".".join(str(part) for part in problem.get("loc", ())) or "entry"
+            raise ConfigError(f"LORAS entry {i} has an unusable '{field}': it must be {LORA_RULES.get(field, 'valid')}.") from None
+    if len(entries) > settings.max_loras:
+        raise ConfigError(f"LORAS holds {len(entries)} LoRAs; MAX_LORAS allows {settings.max_loras}.")
+    return entries
+
+
 def resolve_seed(params: EditInput) -> int:
     return params.seed if params.seed is not None else random.SystemRandom().randint(0, MAX_SEED)
 

@@ -62,6 +62,7 @@ class EditService:
         # Every image and LoRA of every job the worker holds can download at once: none waits for a thread.
         self.downloads = fetching.downloads_pool(settings.max_concurrency * (settings.max_input_images + settings.max_loras))
         self.lora_store = LoraStore(settings, self.downloads)
+        self.default_loras = schema.default_loras(settings)
         self._progress = progress
         self.batcher: Batcher[EditRequest, EditResult] = Batcher(
             run_batch=self._run_batch,
@@ -75,8 +76,17 @@ class EditService:
         )
 
     def _start(self) -> None:
-        """Load the model (and compile it) as the worker starts, not on the first job."""
+        """Load the model (and compile it) as the worker starts, not on the first job; fetch
+        and load the endpoint's own LoRAs (`LORAS`), so that its first job does not wait."""
         compilation.warm_up(self.holder.get(), self.engine.warm_up)
+        if self.default_loras:
+            files = [self.lora_store.obtain(i, lora) for i, lora in enumerate(self.default_loras)]
+            try:
+                applied = tuple(AppliedLora(f, lora.scale, i) for i, (f, lora) in enumerate(zip(files, self.default_loras)))
+                self.engine.prepare_loras(applied)
+            finally:
+                self.lora_store.release(files)
+            log.info("LORAS ready: %s", ", ".join(lora.path for lora in self.default_loras))
 
     def close(self) -> None:
         """Take no new jobs; finish what is queued and running."""
@@ -140,15 +150,16 @@ class EditService:
                 self.lora_store.release([lora.file for lora in loras])
 
     async def _loras(self, params: schema.EditInput) -> tuple[AppliedLora, ...]:
-        if not params.loras:
+        params_loras = params.loras if params.loras is not None else self.default_loras
+        if not params_loras:
             return ()
         if self.settings.precision_mode == "fp8":
             raise schema.InputError(
                 "Input field 'loras' cannot be used with PRECISION_MODE=fp8 on this endpoint: its float8 "
                 "transformer does not take LoRA adapters; use an endpoint in bf16, 8bit or 4bit."
             )
-        files = await self.lora_store.resolve(params.loras)
-        return tuple(AppliedLora(file, lora.scale, i) for i, (file, lora) in enumerate(zip(files, params.loras)))
+        files = await self.lora_store.resolve(params_loras)
+        return tuple(AppliedLora(file, lora.scale, i) for i, (file, lora) in enumerate(zip(files, params_loras)))
 
     def build_request(self, params: schema.EditInput, pictures: list, progress=None, loras=()) -> EditRequest:
         steps = params.num_inference_steps or self.settings.default_steps
@@ -200,7 +211,7 @@ class EditService:
             "loras": [
                 {"path": lora.path, **({"weight_name": lora.weight_name} if lora.weight_name else {}),
                  "scale": lora.scale, "sha256": applied.file.sha256}
-                for lora, applied in zip(params.loras or [], request.loras)
+                for lora, applied in zip(params.loras if params.loras is not None else self.default_loras, request.loras)
             ],  # fmt: skip
             "warnings": job_warnings(params, request, self.settings),
         }

@@ -12,6 +12,7 @@ import os
 import tempfile
 import urllib.parse
 
+import schema
 from config import ConfigError, Settings
 from outputs import bucket_client, bucket_name, bucket_problem, redact_url
 
@@ -21,6 +22,7 @@ log = logging.getLogger("qwen_edit_worker.startup")
 def run(settings: Settings) -> None:
     check_save_output_dir(settings)
     check_bucket(settings)
+    schema.default_loras(settings)  # LORAS entries are valid LoRA entries (fetched at start)
 
 
 def check_save_output_dir(settings: Settings) -> None:

@@ -319,3 +319,25 @@ def test_slots_refuse_a_higher_rank_and_layers_outside_the_blocks(tiny_env, sett
     assert high["error"].endswith("has rank 4, above MAX_LORA_RANK (2).")
     assert out["error"].endswith("targets layers outside the transformer blocks (transformer.proj_out).")
     assert "output_image_base64" in good and "output_image_base64" in plain
+
+
+def test_loras_from_the_environment_apply_to_jobs_that_send_none(tiny_env, holder, settings, server):
+    from config import ConfigError
+
+    server.serve_bytes("/house.safetensors", written(low_rank(holder.get().pipe, seed=51), "kohya"))
+    house = {"path": server.url("/house.safetensors"), "scale": 2.0}
+    fixed = dataclasses.replace(settings, default_loras=(house,))
+    service = EditService(fixed, holder=holder)
+    try:
+        default, explicit_none, named = run(fixed, holder, job(), job([]), job([house]), service=service)
+    finally:
+        service.close()
+    assert server.hits.count("/house.safetensors") == 1  # fetched once, at start
+    assert default["loras"][0]["path"] == house["path"] and np.array_equal(pixels(default), pixels(named))
+    assert explicit_none["loras"] == [] and not np.array_equal(pixels(explicit_none), pixels(default))
+    with pytest.raises(ConfigError, match="LORAS must be a JSON list of objects"):
+        Settings.from_env(tiny_env(LORAS="owner/name"))
+    with pytest.raises(ConfigError, match=r"LORAS entry 0 has an unusable 'scale': it must be a number from -4 to 4\."):
+        import schema
+
+        schema.default_loras(Settings.from_env(tiny_env(LORAS='[{"path": "owner/name", "scale": 9}]')))
