@@ -40,6 +40,7 @@ from adapters import prepare_slots  # noqa: E402
 from config import Settings  # noqa: E402
 from gpu_speed import Preloaded, build_pipeline, input_png  # noqa: E402
 from model_loader import LoadedModel  # noqa: E402
+from model_loader import _quantize_fp8 as quantize_fp8  # noqa: E402
 from service import EditService  # noqa: E402
 
 
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--skip-quantized", action="store_true")
     parser.add_argument("--slots", type=int, default=3, help="MAX_LORAS: hot-swappable slots")
+    parser.add_argument("--fp8", action="store_true", help="PRECISION_MODE=fp8 (torchao) before the slots")
     args = parser.parse_args()
     folder = tempfile.mkdtemp()
     pipe = build_pipeline()
@@ -81,11 +83,13 @@ def main() -> None:
     url = lambda k: f"http://127.0.0.1:{port}/lora{k}.safetensors"  # noqa: E731
     settings = Settings.from_env({"MODEL_ID": "real-size-random", "MODEL_DIR": tempfile.mkdtemp(), "MAX_LORAS": str(args.slots),
                                   "ALLOW_PRIVATE_IMAGE_URLS": "true", "MAX_BATCH_SIZE": "1"})  # fmt: skip
+    if args.fp8:
+        quantize_fp8(pipe)
     start = time.perf_counter()
     slots = prepare_slots(pipe, args.slots, settings.max_lora_rank)
     print(f"prepared {args.slots} slots in {time.perf_counter() - start:.1f} s", flush=True)
     pipe.transformer.compile_repeated_blocks(fullgraph=True)
-    model = LoadedModel(pipe, torch.device("cuda"), torch.bfloat16, "bf16", True, "none", compiled=True,
+    model = LoadedModel(pipe, torch.device("cuda"), torch.bfloat16, "fp8" if args.fp8 else "bf16", True, "none", compiled=True,
                         lora_slots=slots, lora_rank=settings.max_lora_rank)  # fmt: skip
     image = input_png(1024, 0)
     plan = [("base, waiting for the start-up warm-up (slots off and on)", []), ("base", []), ("base", []),
@@ -98,7 +102,7 @@ def main() -> None:
     async def scenario():
         service = EditService(settings, holder=Preloaded(model))
         try:
-            for n, (label, loras) in enumerate(plan):
+            for n, (label, loras) in enumerate([(label, loras) for label, loras in plan if len(loras) <= args.slots]):
                 job = {"id": f"j{n}", "input": {"prompt": "Add a red hat to the person on the left", "image_base64": image,
                        "width": 1024, "height": 1024, "seed": 1, "loras": [{"path": url(k)} for k in loras]}}  # fmt: skip
                 torch.cuda.synchronize()
@@ -112,7 +116,7 @@ def main() -> None:
                              "denoise_s": round(answer["timings_ms"]["denoise"] / 1000, 2),
                              "graphs": counters["stats"]["unique_graphs"] - graphs})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
-            print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, 1024² Lightning-8, bf16, {args.slots} slots\n")
+            print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, 1024² Lightning-8, {'fp8' if args.fp8 else 'bf16'}, {args.slots} slots\n")
             print("| job | LoRAs | wall s | denoise s | graphs compiled |\n| --- | --- | --- | --- | --- |")
             for row in rows:
                 print(f"| {row['job']} | {row['loras']} | {row['wall_s']} | {row['denoise_s']} | {row['graphs']} |", flush=True)
