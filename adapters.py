@@ -130,9 +130,11 @@ class AdapterCache:
             wanted = (lora.file.sha256, lora.scale) if lora else BLANK
             if self._slot_holds.get(slot, BLANK) == wanted:
                 continue
-            state = self._scaled_state(pipe, lora, model.lora_rank) if lora else self._full(pipe, {}, model.lora_rank)
             self._slot_holds[slot] = ("unknown", 0.0)  # until the swap has finished
-            pipe.load_lora_weights(state, adapter_name=slot, hotswap=True)
+            if lora is None:
+                _clear(pipe, slot)
+            else:
+                pipe.load_lora_weights(self._scaled_state(pipe, lora, model.lora_rank), adapter_name=slot, hotswap=True)
             self._slot_holds[slot] = wanted
             self.swaps += 1
         if not self._slots_enabled:
@@ -228,6 +230,16 @@ class AdapterCache:
                 pipe.delete_adapters(name)
                 del self._loaded[name]
                 log.info("LoRA adapter %s removed (MAX_LOADED_LORAS=%d)", name, self.capacity)
+
+
+def _clear(pipe, slot: str) -> None:
+    """Empty a slot in place (its up-projections zeroed on the GPU): what swapping the blank
+    LoRA in would do, without building and copying a full-rank zero LoRA."""
+    with torch.no_grad():
+        for module in pipe.transformer.modules():
+            up = getattr(module, "lora_B", None)
+            if up is not None and slot in up:
+                up[slot].weight.zero_()
 
 
 def _peft_alpha_over_rank(metadata: dict) -> float:
