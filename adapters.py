@@ -6,9 +6,9 @@ Two ways, chosen at load:
   pads adapters to `MAX_LORA_RANK`; `MAX_LORAS` adapter slots are loaded with a blank (zero)
   LoRA over every linear layer of the transformer blocks before compiling. A batch's LoRAs
   are hot-swapped into the slots in order (`load_lora_weights(..., hotswap=True)` copies
-  weights in place, the job's scale folded into the up-projection), unused slots hold the
-  blank, and a batch without LoRAs disables the slots. Compiled once for each of those two
-  states at the warm-up, it never recompiles (measured on an H200: `BENCHMARKS.md`).
+  weights in place, the job's scale folded into the up-projection), unused slots are
+  emptied in place, and a batch without LoRAs disables the slots. Compiled once for each of
+  those two states at the warm-up, it never recompiles (measured on an H200: `BENCHMARKS.md`).
   Converted LoRAs are kept in CPU memory, the `MAX_LOADED_LORAS` most recently used.
 - **Named adapters, eager** (quantized or offloaded models, CPU): each file is loaded once,
   as adapter `user_<sha256 prefix>`, and kept until `MAX_LOADED_LORAS` others were used more
