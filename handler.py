@@ -7,6 +7,7 @@ Run locally with `python handler.py --test_input '{"input": {...}}'` (or a
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -27,13 +28,18 @@ log = logging.getLogger("qwen_edit_worker")
 def _exit(code: int, message: str | None = None) -> None:
     """Leave the process now, with `code`: the one way this worker exits.
 
-    `os._exit` after flushing, because a normal interpreter exit runs the C++ static
-    destructors of torch and its libraries while daemon threads (the GPU thread, thread
-    pools) may still be inside them, which can abort ("terminate called without an
-    active exception") instead of returning `code`.
+    `os._exit` after stopping child processes and flushing, because a normal interpreter
+    exit runs the C++ static destructors of torch and its libraries while daemon threads (the
+    GPU thread, thread pools) may still be inside them, which can abort ("terminate called
+    without an active exception") instead of returning `code`.
     """
     if message:
         print(message, file=sys.stderr)
+    # os._exit skips multiprocessing's own exit handler, which would stop the SDK's heartbeat
+    # process: stop it (and any other child) here, or it would go on pinging RunPod.
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(timeout=2)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

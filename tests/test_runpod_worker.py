@@ -126,6 +126,11 @@ def test_sigterm_finishes_taken_jobs_takes_no_more_and_exits_zero(standin, tiny_
     assert sorted(answered) == sorted(taken), "a job taken before SIGTERM was not answered"
     assert all(len(answers) == 1 and "output" in answers[0] for answers in answered.values())
     assert left == len(jobs) - len(taken) > 0, "the worker should stop taking jobs on SIGTERM"
+    # Nothing of the worker outlives it: the SDK's heartbeat process (a ping a second here) stops too.
+    assert standin.pings > 0
+    pings = standin.pings
+    time.sleep(2.5)
+    assert standin.pings == pings, "a heartbeat process outlived the worker"
 
 
 def test_a_job_stopped_by_runpod_while_queued_never_reaches_the_gpu(standin, tiny_env, tmp_path):
