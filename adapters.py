@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-import compilation
 from lora_store import LoraFile
 from loras import LoraError, load_lora
 
@@ -93,18 +92,12 @@ class AdapterCache:
         self._slot_holds: dict[str, tuple[str, float]] = {}
         self._slots_enabled = False
         self._blank: dict | None = None
-        self.swaps = 0
 
     def apply(self, model, loras: tuple[AppliedLora, ...]) -> None:
         if model.lora_slots:
             self._apply_slots(model, loras)
             return
-        pipe = model.pipe
-        if loras and model.compiled:
-            # Swapping adapters under the compiled blocks would recompile them for every set.
-            compilation.uncompile(pipe)
-            model.compiled = False
-            log.warning("per-request LoRAs: the transformer runs eagerly from now on (compiled blocks cannot swap adapters)")
+        pipe = model.pipe  # not compiled: a compiled model has slots whenever it can take LoRAs
         for lora in loras:
             self._load(pipe, lora)
         names = list(model.base_adapters) + [lora.adapter for lora in loras]
@@ -136,7 +129,6 @@ class AdapterCache:
             else:
                 pipe.load_lora_weights(self._scaled_state(pipe, lora, model.lora_rank), adapter_name=slot, hotswap=True)
             self._slot_holds[slot] = wanted
-            self.swaps += 1
         if not self._slots_enabled:
             pipe.enable_lora()
             self._slots_enabled = True

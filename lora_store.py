@@ -51,7 +51,6 @@ class LoraStore:
         self._index_path = self.root / "index.json"
         self._index: dict[str, str] | None = None  # source -> sha256
         self._in_use: dict[str, int] = {}  # sha256 -> jobs holding it (never evicted)
-        self.downloads_done = 0
 
     async def resolve(self, loras: list[LoraInput]) -> list[LoraFile]:
         """The file of each LoRA, in order, or an `InputError` naming `loras[i].path`."""
@@ -175,7 +174,6 @@ class LoraStore:
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
-        self.downloads_done += 1
         log.info("downloaded LoRA %s", _shown(lora.path))
         return Path(name)
 
@@ -197,7 +195,6 @@ class LoraStore:
         if path.stat().st_size > self.settings.max_lora_bytes:
             path.unlink()
             raise InputError(f"{subject} is larger than MAX_LORA_BYTES ({self.settings.max_lora_bytes} bytes).")
-        self.downloads_done += 1
         final = self._tmp() / f"{uuid.uuid4().hex}.part"
         os.replace(path, final)
         return final
