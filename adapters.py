@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_store import LoraFile
+from lora_store import LoraFile, lora_subject
 from loras import LoraError, load_lora
 
 log = logging.getLogger("qwen_edit_worker.adapters")
@@ -43,6 +43,10 @@ class AppliedLora:
     @property
     def adapter(self) -> str:
         return f"user_{self.file.sha256[:16]}"
+
+    @property
+    def subject(self) -> str:
+        return lora_subject(self.index, self.file.source)
 
 
 BLANK = ("blank", 0.0)
@@ -173,7 +177,7 @@ class AdapterCache:
         """diffusers' conversion of the file to its own keys, alpha folded in, checked against the slots."""
         from safetensors import safe_open
 
-        subject = f"Input field 'loras[{lora.index}].path' ({lora.file.source})"
+        subject = lora.subject
         try:
             with safe_open(str(lora.file.path), framework="pt") as tensors:
                 raw = {key: tensors.get_tensor(key) for key in tensors.keys()}
@@ -205,7 +209,7 @@ class AdapterCache:
         if name in self._loaded:
             self._loaded.move_to_end(name)
             return
-        subject = f"Input field 'loras[{lora.index}].path' ({lora.file.source})"
+        subject = lora.subject
         try:
             load_lora(pipe, lora.file.path, name)
         except Exception as error:  # noqa: BLE001 - peft and diffusers raise many kinds

@@ -71,7 +71,7 @@ class LoraStore:
     def obtain(self, i: int, lora: LoraInput) -> LoraFile:
         """Find or fetch one LoRA (blocking); the caller must `release` it after its job."""
         source = lora.path if lora.weight_name is None else f"{lora.path}/{lora.weight_name}"
-        subject = f"Input field 'loras[{i}].path' ({_shown(lora.path)})"
+        subject = lora_subject(i, lora.path)
         with self._source_lock(source):
             file = self._cached(source)
             if file is None:
@@ -246,6 +246,11 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def lora_subject(index: int, path: str) -> str:
+    """How an error names a job's LoRA: its place in `loras` and its path, credentials removed."""
+    return f"Input field 'loras[{index}].path' ({_shown(path)})"
 
 
 def _shown(path: str) -> str:
