@@ -180,14 +180,17 @@ class LoraStore:
     def _from_hub(self, lora: LoraInput, subject: str) -> Path:
         """A repo's file: from RunPod's model cache or the Hugging Face cache, else downloaded."""
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        from model_loader import find_in_caches  # here: model_loader imports this module's users
 
         weight_name = lora.weight_name or self._only_safetensors(lora.path, subject)
-        for cache_dir in (RUNPOD_HF_CACHE, None):
-            try:
-                return Path(hf_hub_download(lora.path, weight_name, cache_dir=cache_dir, local_files_only=True))
-            except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-                continue
+
+        def fetch(**kwargs):
+            return hf_hub_download(lora.path, weight_name, **kwargs)
+
+        found = find_in_caches(fetch, [RUNPOD_HF_CACHE, None], f"LoRA {lora.path}/{weight_name}")
+        if found is not None:
+            return Path(found)
         try:
             path = Path(hf_hub_download(lora.path, weight_name, local_dir=self._tmp() / uuid.uuid4().hex))
         except Exception:  # noqa: BLE001 - huggingface_hub's and its HTTP client's errors

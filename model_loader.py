@@ -80,8 +80,8 @@ def _timed(what: str) -> Iterator[None]:
     log.info("%s took %.2f s", what, time.perf_counter() - start)
 
 
-def _from_caches(fetch, cache_dirs: list[str | None], what: str) -> str:
-    """Look in each cache without the network; download into the first one if none has it."""
+def find_in_caches(fetch, cache_dirs: list[str | None], what: str) -> str | None:
+    """Look in each cache without the network (None: the standard Hugging Face cache)."""
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     for cache_dir in cache_dirs:
@@ -91,6 +91,14 @@ def _from_caches(fetch, cache_dirs: list[str | None], what: str) -> str:
             continue
         log.info("%s found in cache %s", what, cache_dir or "(default Hugging Face cache)")
         return path
+    return None
+
+
+def _from_caches(fetch, cache_dirs: list[str | None], what: str) -> str:
+    """Look in each cache without the network; download into the first one if none has it."""
+    found = find_in_caches(fetch, cache_dirs, what)
+    if found is not None:
+        return found
     with _timed(f"downloading {what} into {cache_dirs[0]}"):
         return fetch(cache_dir=cache_dirs[0], local_files_only=False)
 
