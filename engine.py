@@ -226,11 +226,9 @@ class EditEngine:
     def _encode(self, pipe, request: EditRequest, plan: _Plan) -> dict:
         """Text embeddings, reference latents and noise for one request, as the stock pipeline makes them."""
         device = pipe._execution_device
-        condition_images, vae_images = [], []
-        for image, (ref_w, ref_h) in zip(request.images, plan.reference_sizes):
-            cond_w, cond_h = condition_size(image)
-            condition_images.append(pipe.image_processor.resize(image, cond_h, cond_w))
-            vae_images.append(pipe.image_processor.preprocess(image, ref_h, ref_w).unsqueeze(2))
+        condition_images = resized_for_text_encoder(pipe, request.images)
+        vae_images = [pipe.image_processor.preprocess(image, ref_h, ref_w).unsqueeze(2)
+                      for image, (ref_w, ref_h) in zip(request.images, plan.reference_sizes)]  # fmt: skip
 
         embeds, _ = pipe.encode_prompt(image=condition_images, prompt=request.prompt, device=device)
         negative = None
@@ -325,6 +323,15 @@ class EditEngine:
 def condition_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) at which the text encoder sees an input image, as the stock pipeline sizes it."""
     return _dimensions(CONDITION_IMAGE_SIZE, image)
+
+
+def resized_for_text_encoder(pipe, images: Sequence[Image.Image]) -> list[Image.Image]:
+    """The input images as the text encoder sees them (the stock pipeline's condition images)."""
+    resized = []
+    for image in images:
+        width, height = condition_size(image)
+        resized.append(pipe.image_processor.resize(image, height, width))
+    return resized
 
 
 def _schedule(base_scheduler, steps: int, image_seq_len: int, device: torch.device):

@@ -14,7 +14,7 @@ import copy
 import threading
 from typing import Callable
 
-from engine import BLANK_NEGATIVE_PROMPT, EditRequest, condition_size
+from engine import BLANK_NEGATIVE_PROMPT, EditRequest, resized_for_text_encoder
 
 # The pipeline's own template for each input image (QwenImageEditPlusPipeline._get_qwen_prompt_embeds).
 IMAGE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
@@ -40,8 +40,9 @@ class PromptBudget:
         texts = {"prompt": request.prompt}
         if request.do_cfg:
             texts["negative_prompt"] = request.negative_prompt or BLANK_NEGATIVE_PROMPT
+        images = resized_for_text_encoder(self._pipe(), request.images)  # once for every text
         for field, text in texts.items():
-            tokens = self.tokens(text, request)
+            tokens = self.tokens(text, images)
             if tokens > limit:
                 raise TextTooLong(field, tokens, limit)
 
@@ -54,12 +55,9 @@ class PromptBudget:
         largest = max(max(h // 2, w // 2) if rope.scale_rope else max(h, w) for h, w in grids)
         return rope.pos_freqs.shape[0] - largest
 
-    def tokens(self, text: str, request: EditRequest) -> int:
+    def tokens(self, text: str, images: list) -> int:
+        """Text positions `text` takes beside `images` (already resized for the text encoder)."""
         pipe = self._pipe()
-        images = []
-        for image in request.images:
-            width, height = condition_size(image)
-            images.append(pipe.image_processor.resize(image, height, width))
         prefix = "".join(IMAGE_PROMPT.format(k + 1) for k in range(len(images)))
         with self._lock:
             if self._processor is None:
