@@ -82,8 +82,7 @@ class EditService:
         if self.default_loras:
             files = [self.lora_store.obtain(i, lora) for i, lora in enumerate(self.default_loras)]
             try:
-                applied = tuple(AppliedLora(f, lora.scale, i) for i, (f, lora) in enumerate(zip(files, self.default_loras)))
-                self.engine.prepare_loras(applied)
+                self.engine.prepare_loras(_applied(files, self.default_loras))
             finally:
                 self.lora_store.release(files)
             log.info("LORAS ready: %s", ", ".join(lora.path for lora in self.default_loras))
@@ -95,11 +94,13 @@ class EditService:
 
     def _check_text_fits(self, request: EditRequest, plan) -> None:
         try:
+            self.holder.get()  # the count needs the model's processor
+        except RuntimeError as error:  # the model failed to load: the batcher says the same
+            raise WorkerBroken(str(error)) from None
+        try:
             self.prompt_budget.check(request, plan.width, plan.height, plan.reference_sizes)
         except TextTooLong as error:
             raise schema.InputError(str(error)) from None
-        except RuntimeError as error:  # the model failed to load: the batcher says the same
-            raise WorkerBroken(str(error)) from None
 
     def _run_batch(self, requests: list[EditRequest]) -> list[EditResult]:
         try:
@@ -149,17 +150,20 @@ class EditService:
             if loras:
                 self.lora_store.release([lora.file for lora in loras])
 
+    def _lora_entries(self, params: schema.EditInput) -> list[schema.LoraInput]:
+        """The job's own `loras`, or the endpoint's (`LORAS`) when it sends none."""
+        return params.loras if params.loras is not None else self.default_loras
+
     async def _loras(self, params: schema.EditInput) -> tuple[AppliedLora, ...]:
-        params_loras = params.loras if params.loras is not None else self.default_loras
-        if not params_loras:
+        entries = self._lora_entries(params)
+        if not entries:
             return ()
         if self.settings.precision_mode == "fp8":
             raise schema.InputError(
                 "Input field 'loras' cannot be used with PRECISION_MODE=fp8 on this endpoint: its float8 "
                 "transformer does not take LoRA adapters; use an endpoint in bf16, 8bit or 4bit."
             )
-        files = await self.lora_store.resolve(params_loras)
-        return tuple(AppliedLora(file, lora.scale, i) for i, (file, lora) in enumerate(zip(files, params_loras)))
+        return _applied(await self.lora_store.resolve(entries), entries)
 
     def build_request(self, params: schema.EditInput, pictures: list, progress=None, loras=()) -> EditRequest:
         steps = params.num_inference_steps or self.settings.default_steps
@@ -211,7 +215,7 @@ class EditService:
             "loras": [
                 {"path": lora.path, **({"weight_name": lora.weight_name} if lora.weight_name else {}),
                  "scale": lora.scale, "sha256": applied.file.sha256}
-                for lora, applied in zip(params.loras if params.loras is not None else self.default_loras, request.loras)
+                for lora, applied in zip(self._lora_entries(params), request.loras)
             ],  # fmt: skip
             "warnings": job_warnings(params, request, self.settings),
         }
@@ -225,6 +229,10 @@ class EditService:
             path = folder / f"{_safe_name(str(job.get('id', 'job')))}-{k}.{output_format}"
             path.write_bytes(data)
             log.info("saved output image %s", path)
+
+
+def _applied(files: list, entries: list[schema.LoraInput]) -> tuple[AppliedLora, ...]:
+    return tuple(AppliedLora(file, entry.scale, i) for i, (file, entry) in enumerate(zip(files, entries)))
 
 
 def job_warnings(params: schema.EditInput, request: EditRequest, settings: Settings) -> list[str]:
