@@ -50,7 +50,7 @@ def ensure_tiny_model(directory: str | os.PathLike) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     pipeline = build_tiny_pipeline()
     pipeline.save_pretrained(root / "pipeline", safe_serialization=True)
-    save_file(tiny_lightning_lora(pipeline.transformer), root / "lightning-lora.safetensors")
+    save_file(lightning_format_lora(pipeline.transformer), root / "lightning-lora.safetensors")
     marker.touch()
     return root
 
@@ -127,20 +127,25 @@ def build_tiny_pipeline():
     )
 
 
-def tiny_lightning_lora(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A random LoRA keyed as lightx2v's Lightning files are (lora_down/lora_up/alpha)."""
-    generator = torch.Generator().manual_seed(1)
+def lightning_format_lora(
+    transformer: torch.nn.Module, rank: int = TINY_LORA_RANK, alpha: float = TINY_LORA_ALPHA, seed: int = 1,
+    std: float = 0.05,
+) -> dict[str, torch.Tensor]:
+    """A random LoRA keyed as lightx2v's Lightning files are (lora_down/lora_up/alpha), over
+    the transformer blocks' attention and MLP linears (720 at real size). The defaults make
+    the tiny model's Lightning file; the GPU benchmarks make real-size ones with it."""
+    generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for name, module in transformer.named_modules():
         if not name.startswith("transformer_blocks.") or not isinstance(module, torch.nn.Linear):
             continue
         if ".attn." not in name and ".img_mlp." not in name and ".txt_mlp." not in name:
             continue
-        down = torch.randn(TINY_LORA_RANK, module.in_features, generator=generator) * 0.05
-        up = torch.randn(module.out_features, TINY_LORA_RANK, generator=generator) * 0.05
+        down = torch.randn(rank, module.in_features, generator=generator) * std
+        up = torch.randn(module.out_features, rank, generator=generator) * std
         state[f"{name}.lora_down.weight"] = down.to(torch.bfloat16)
         state[f"{name}.lora_up.weight"] = up.to(torch.bfloat16)
-        state[f"{name}.alpha"] = torch.tensor(TINY_LORA_ALPHA, dtype=torch.bfloat16)
+        state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.bfloat16)
     return state
 
 

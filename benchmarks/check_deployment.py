@@ -130,7 +130,7 @@ def check_real_size_lora() -> None:
     from safetensors.torch import save_file
 
     from loras import load_lora
-    from tiny_model import tiny_lightning_lora
+    from tiny_model import lightning_format_lora
 
     with torch.device("cuda"):
         torch.set_default_dtype(torch.bfloat16)
@@ -140,7 +140,7 @@ def check_real_size_lora() -> None:
                                      tokenizer=None, processor=None, transformer=transformer)  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         lora = Path(folder) / "lightning-format.safetensors"
-        save_file(tiny_lightning_lora(transformer), lora)
+        save_file(lightning_format_lora(transformer), lora)
         with_log = io.StringIO()
         handler = logging.StreamHandler(with_log)
         logging.getLogger("qwen_edit_worker.loras").addHandler(handler)

@@ -42,20 +42,12 @@ from gpu_speed import Preloaded, build_pipeline, input_png  # noqa: E402
 from model_loader import LoadedModel  # noqa: E402
 from model_loader import _quantize_fp8 as quantize_fp8  # noqa: E402
 from service import EditService  # noqa: E402
+from tiny_model import lightning_format_lora  # noqa: E402
 
 
-def lightning_format_lora(transformer, rank: int, seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, module in transformer.named_modules():
-        if not name.startswith("transformer_blocks.") or not isinstance(module, torch.nn.Linear):
-            continue
-        if ".attn." not in name and ".img_mlp." not in name and ".txt_mlp." not in name:
-            continue
-        state[f"{name}.lora_down.weight"] = (torch.randn(rank, module.in_features, generator=generator) * 0.01).bfloat16()
-        state[f"{name}.lora_up.weight"] = (torch.randn(module.out_features, rank, generator=generator) * 0.01).bfloat16()
-        state[f"{name}.alpha"] = torch.tensor(8.0).bfloat16()
-    return state
+def rank64(transformer, seed: int, rank: int = 64) -> dict[str, torch.Tensor]:
+    """A real-size Lightning-format LoRA: rank 64 and alpha 8 as the Lightning files have."""
+    return lightning_format_lora(transformer, rank=rank, alpha=8.0, seed=seed, std=0.01)
 
 
 def serve(folder: str) -> int:
@@ -77,7 +69,7 @@ def main() -> None:
     pipe = build_pipeline()
     start = time.perf_counter()
     for k in range(3):
-        save_file(lightning_format_lora(pipe.transformer, 64, k), f"{folder}/lora{k}.safetensors")
+        save_file(rank64(pipe.transformer, k), f"{folder}/lora{k}.safetensors")
     print(f"wrote three rank-64 LoRAs in {time.perf_counter() - start:.0f} s", flush=True)
     port = serve(folder)
     url = lambda k: f"http://127.0.0.1:{port}/lora{k}.safetensors"  # noqa: E731

@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from config import Settings  # noqa: E402
 from engine import EditEngine, EditRequest  # noqa: E402
 from gpu_speed import build_pipeline  # noqa: E402
-from lora_cost import lightning_format_lora  # noqa: E402
+from lora_cost import rank64  # noqa: E402
 from model_loader import LoadedModel  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def main() -> None:
             print(f"| {label} | failed: {type(error).__name__}: {str(error)[:200]} | | |", flush=True)
 
     # Every LoRA is made from the plain transformer (once adapters are in, its module names change).
-    states = {seed: lightning_format_lora(pipe.transformer, rank, seed) for seed, rank in ((0, 64), (1, 64), (2, 16), (3, 64))}
+    states = {seed: rank64(pipe.transformer, seed, rank) for seed, rank in ((0, 64), (1, 64), (2, 16), (3, 64))}
     print("| job | wall s | denoise s | graphs compiled |\n| --- | --- | --- | --- |")
     pipe.transformer.compile_repeated_blocks(fullgraph=True)
     timed("compiled, no adapter: first (compiles)")
