@@ -72,14 +72,23 @@ def blank_lora(transformer, rank: int = 1) -> dict[str, torch.Tensor]:
     """Zero low-rank weights for every linear layer of the transformer blocks (diffusers keys;
     hot-swapping pads them to the slots' rank). Works before and after adapters are injected."""
     state = {}
+    for name, base in block_linears(transformer).items():
+        state[f"transformer.{name}.lora_A.weight"] = torch.zeros(rank, base.in_features, dtype=base.weight.dtype)
+        state[f"transformer.{name}.lora_B.weight"] = torch.zeros(base.out_features, rank, dtype=base.weight.dtype)
+    return state
+
+
+def block_linears(transformer) -> dict[str, torch.nn.Linear]:
+    """The transformer blocks' own linear layers by name, also once adapters wrap them (the
+    name is then the wrapper's, the layer its `base_layer`)."""
+    layers = {}
     for name, module in transformer.named_modules():
         if not name.startswith("transformer_blocks.") or _inside_adapter(name):
             continue
         base = getattr(module, "base_layer", module)
         if type(base) is torch.nn.Linear:
-            state[f"transformer.{name}.lora_A.weight"] = torch.zeros(rank, base.in_features, dtype=base.weight.dtype)
-            state[f"transformer.{name}.lora_B.weight"] = torch.zeros(base.out_features, rank, dtype=base.weight.dtype)
-    return state
+            layers[name] = base
+    return layers
 
 
 def _inside_adapter(name: str) -> bool:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from adapters import block_linears
 from config import Settings
 from model_loader import ModelHolder
 from service import EditService
@@ -32,20 +33,10 @@ def holder(tiny_env) -> ModelHolder:
     return holder
 
 
-def targets(pipe, kind: str = ".attn.to_") -> dict[str, torch.nn.Module]:
-    """The transformer's own linear layers (or the adapters wrapping them) of one kind."""
-    modules = dict(pipe.transformer.named_modules())
-    return {n: m for n, m in modules.items() if n.startswith("transformer_blocks.") and kind in n
-            and isinstance(getattr(m, "base_layer", m), torch.nn.Linear) and not _inside_adapter(n)}  # fmt: skip
-
-
-def _inside_adapter(name: str) -> bool:
-    return any(part in name.split(".") for part in ("base_layer", "lora_A", "lora_B", "lora_dropout"))
-
-
 def low_rank(pipe, seed: int, kind: str = ".attn.to_", rank: int = RANK) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Random low-rank weights for the transformer blocks' linear layers of one kind."""
     generator = torch.Generator().manual_seed(seed)
-    layers = {name: getattr(m, "base_layer", m) for name, m in targets(pipe, kind).items()}
+    layers = {name: m for name, m in block_linears(pipe.transformer).items() if kind in name}
     return {name: (torch.randn(rank, m.in_features, generator=generator) * 0.5,
                    torch.randn(m.out_features, rank, generator=generator) * 0.5)
             for name, m in layers.items()}  # fmt: skip
