@@ -138,13 +138,18 @@ def test_a_job_stopped_by_runpod_while_queued_never_reaches_the_gpu(standin, tin
                                     "num_inference_steps": 100}}  # fmt: skip
     victim = dict(good_job(1), id="victim")
     after = dict(good_job(2), id="after")
-    standin.add_jobs([slow, victim, after])
+    standin.add_jobs([slow])
     log_path = tmp_path / "worker.log"
     proc = start_worker(standin, tiny_env, log_path, MAX_BATCH_SIZE="1", MAX_CONCURRENCY="3", BATCH_WAIT_MS="0")
     try:
         deadline = time.monotonic() + 120
-        while not ("victim" in standin.taken and standin.progress.get("slow")) and time.monotonic() < deadline:
+        while not standin.progress.get("slow") and time.monotonic() < deadline:
             time.sleep(0.05)
+        # Queued only once the slow job holds the GPU: jobs taken together may reach it in either order.
+        standin.add_jobs([victim, after])
+        while "victim" not in standin.taken and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the SDK has made it a task (a stop for a job without one is dropped)
         standin.stop("victim")  # RunPod cancels it while the slow job holds the GPU
         finished = standin.wait_for_results(2, timeout=180)
         time.sleep(1.5)
