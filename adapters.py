@@ -4,12 +4,14 @@ Two ways, chosen at load:
 
 - **Slots, for a compiled transformer** (`prepare_slots`): diffusers' `enable_lora_hotswap`
   pads adapters to `MAX_LORA_RANK`; `MAX_LORAS` adapter slots are loaded with a blank (zero)
-  LoRA over every linear layer of the transformer blocks before compiling. A batch's LoRAs
-  are hot-swapped into the slots in order (`load_lora_weights(..., hotswap=True)` copies
-  weights in place, the job's scale folded into the up-projection), unused slots are
-  emptied in place, and a batch without LoRAs disables the slots. Compiled once for each of
-  those two states at the warm-up, it never recompiles (measured on an H200: `BENCHMARKS.md`).
-  Converted LoRAs are kept in CPU memory, the `MAX_LOADED_LORAS` most recently used.
+  LoRA over every linear layer of the transformer blocks before compiling. A batch's k LoRAs
+  are hot-swapped into the first k slots (`load_lora_weights(..., hotswap=True)` copies
+  weights in place, the job's scale folded into the up-projection, padded on the GPU) and
+  only those k slots are active, so a job pays for the LoRAs it brings, not for every slot;
+  a batch without LoRAs disables them all. Each of those `MAX_LORAS + 1` states is compiled
+  once at the warm-up (`use_slots`); after it, nothing recompiles (measured on an H200:
+  `BENCHMARKS.md`). Converted LoRAs are kept in CPU memory, the `MAX_LOADED_LORAS` most
+  recently used.
 - **Named adapters, eager** (quantized or offloaded models, CPU): each file is loaded once,
   as adapter `user_<sha256 prefix>`, and kept until `MAX_LOADED_LORAS` others were used more
   recently; a batch activates its adapters at their scales with `set_adapters`.
@@ -103,7 +105,7 @@ class AdapterCache:
         self.loads = 0
         self._states: OrderedDict[str, dict] = OrderedDict()  # sha256 -> converted state dict (slots)
         self._slot_holds: dict[str, tuple[str, float]] = {}
-        self._slots_enabled = False
+        self._active_slots: tuple[str, ...] = ()  # what the transformer has active now
         self._blank: dict | None = None
 
     def apply(self, model, loras: tuple[AppliedLora, ...]) -> None:
@@ -126,25 +128,30 @@ class AdapterCache:
 
     def _apply_slots(self, model, loras: tuple[AppliedLora, ...]) -> None:
         pipe = model.pipe
-        if not loras:
-            if self._slots_enabled:
-                pipe.disable_lora()
-                self._slots_enabled = False
-            return
-        for i, slot in enumerate(model.lora_slots):
-            lora = loras[i] if i < len(loras) else None
-            wanted = (lora.file.sha256, lora.scale) if lora else BLANK
+        for slot, lora in zip(model.lora_slots, loras):
+            wanted = (lora.file.sha256, lora.scale)
             if self._slot_holds.get(slot, BLANK) == wanted:
                 continue
             self._slot_holds[slot] = ("unknown", 0.0)  # until the swap has finished
-            if lora is None:
-                _clear(pipe, slot)
-            else:
-                pipe.load_lora_weights(self._scaled_state(pipe, lora, model.lora_rank), adapter_name=slot, hotswap=True)
+            state = self._scaled_state(pipe, lora, model.lora_rank, model.device)
+            pipe.load_lora_weights(state, adapter_name=slot, hotswap=True)
             self._slot_holds[slot] = wanted
-        if not self._slots_enabled:
-            pipe.enable_lora()
-            self._slots_enabled = True
+        self.use_slots(model, len(loras))
+
+    def use_slots(self, model, count: int) -> None:
+        """Make the first `count` slots the active adapters (none: LoRAs disabled). The slots
+        after them keep whatever they hold, inactive: they add nothing to the output."""
+        active = model.lora_slots[:count]
+        if active == self._active_slots:
+            return
+        pipe = model.pipe
+        if active:
+            pipe.set_adapters(list(active), adapter_weights=[1.0] * len(active))
+            if not self._active_slots:
+                pipe.enable_lora()
+        else:
+            pipe.disable_lora()
+        self._active_slots = active
 
     def _blank_state(self, pipe) -> dict:
         """The transformer blocks' layers at rank 1, zero: the key and shape reference."""
@@ -152,17 +159,19 @@ class AdapterCache:
             self._blank = blank_lora(pipe.transformer)
         return self._blank
 
-    def _full(self, pipe, state: dict, rank: int, scale: float = 1.0) -> dict:
-        """Every layer of the slots at the slots' rank: the LoRA's weights zero-padded (its
-        up-projection times `scale`), zeros elsewhere. A swap then only copies in place:
-        letting peft pad or zero layers itself replaces parameters, which recompiles."""
+    def _full(self, pipe, state: dict, rank: int, device: torch.device, scale: float = 1.0) -> dict:
+        """Every layer of the slots at the slots' rank, on `device`: the LoRA's weights
+        zero-padded (its up-projection times `scale`), zeros elsewhere. A swap then only copies
+        in place: letting peft pad or zero layers itself replaces parameters, which recompiles.
+        Padding where the slots live saves building and copying the padded zeros on the host."""
         full = {}
         for key, reference in self._blank_state(pipe).items():
             down = ".lora_A." in key
             shape = (rank, reference.shape[1]) if down else (reference.shape[0], rank)
-            padded = torch.zeros(shape, dtype=reference.dtype)
+            padded = torch.zeros(shape, dtype=reference.dtype, device=device)
             value = state.get(key)
             if value is not None:
+                value = value.to(device, non_blocking=True)
                 if down:
                     padded[: value.shape[0]] = value
                 else:
@@ -170,7 +179,7 @@ class AdapterCache:
             full[key] = padded
         return full
 
-    def _scaled_state(self, pipe, lora: AppliedLora, rank: int) -> dict:
+    def _scaled_state(self, pipe, lora: AppliedLora, rank: int, device: torch.device) -> dict:
         """The LoRA in diffusers' keys, checked against the slots, padded, up-projection times the scale."""
         state = self._states.get(lora.file.sha256)
         if state is None:
@@ -180,7 +189,7 @@ class AdapterCache:
             while len(self._states) > self.capacity:
                 self._states.popitem(last=False)
         self._states.move_to_end(lora.file.sha256)
-        return self._full(pipe, state, rank, lora.scale)
+        return self._full(pipe, state, rank, device, lora.scale)
 
     def _converted(self, pipe, lora: AppliedLora, rank: int) -> dict:
         """diffusers' conversion of the file to its own keys, alpha folded in, checked against the slots."""
@@ -235,16 +244,6 @@ class AdapterCache:
                 pipe.delete_adapters(name)
                 del self._loaded[name]
                 log.info("LoRA adapter %s removed (MAX_LOADED_LORAS=%d)", name, self.capacity)
-
-
-def _clear(pipe, slot: str) -> None:
-    """Empty a slot in place (its up-projections zeroed on the GPU): what swapping the blank
-    LoRA in would do, without building and copying a full-rank zero LoRA."""
-    with torch.no_grad():
-        for module in pipe.transformer.modules():
-            up = getattr(module, "lora_B", None)
-            if up is not None and slot in up:
-                up[slot].weight.zero_()
 
 
 def _peft_alpha_over_rank(metadata: dict) -> float:

@@ -142,25 +142,26 @@ class EditEngine:
 
     def warm_up(self) -> None:
         """Compile for the most common shape (the default output size, one square reference)
-        before the first job; two prompt lengths, so that later lengths reuse one
-        dynamic-shape graph; and the same again with the LoRA slots active, if there are any."""
+        before the first job: two prompt lengths, so that later lengths reuse one
+        dynamic-shape graph; then, with LoRA slots, once for each number of active slots."""
         side = round_to_multiple(int(self.default_output_area**0.5))
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
         model = self._model()
-        for slots_active in (False, True) if model.lora_slots else (False,):
-            if slots_active:
-                model.pipe.enable_lora()
-            try:
-                for prompt in ("warm up", "warm up the compiled transformer with a somewhat longer prompt"):
-                    start = time.perf_counter()
-                    edit = EditRequest(prompt=prompt, images=(image,), seed=0, num_inference_steps=1,
-                                       true_cfg_scale=self._settings.default_true_cfg_scale, width=side, height=side)  # fmt: skip
-                    self.run_batch([edit])
-                    log.info("warm-up edit%s took %.1f s", " (LoRA slots on)" if slots_active else "",
-                             time.perf_counter() - start)  # fmt: skip
-            finally:
-                if slots_active:
-                    model.pipe.disable_lora()
+        prompts = ("warm up", "warm up the compiled transformer with a somewhat longer prompt")
+        runs = [(0, prompt) for prompt in prompts] + [(count, prompts[0]) for count in range(1, len(model.lora_slots) + 1)]
+        adapters = self._adapters(model)
+        try:
+            for count, prompt in runs:
+                adapters.use_slots(model, count)
+                start = time.perf_counter()
+                edit = EditRequest(prompt=prompt, images=(image,), seed=0, num_inference_steps=1,
+                                   true_cfg_scale=self._settings.default_true_cfg_scale, width=side, height=side)  # fmt: skip
+                with torch.inference_mode():  # run_batch would set the slots for the request's (no) LoRAs
+                    self._run(model, [edit])
+                log.info("warm-up edit%s took %.1f s", f" ({count} LoRA slots on)" if count else "",
+                         time.perf_counter() - start)  # fmt: skip
+        finally:
+            adapters.use_slots(model, 0)
 
     def batch_key(self, request: EditRequest) -> Hashable:
         """Requests with equal keys can share one transformer batch. With an attention backend

@@ -268,22 +268,24 @@ def test_a_compiled_worker_hot_swaps_loras_without_recompiling(tiny_env, tmp_pat
     server.serve_bytes("/a.safetensors", written(low_rank(pipe, seed=31), "kohya"))
     server.serve_bytes("/b.safetensors", written(low_rank(pipe, seed=32, kind=".img_mlp.", rank=2), "peft"))
     a, b = {"path": server.url("/a.safetensors"), "scale": 2.0}, {"path": server.url("/b.safetensors"), "scale": 3.0}
-    sequence = [None, [a], [b], [a, b], None, [b, a], [a]]
+    sequence = [None, [a], [a, b], [b], [b, a], None, [a]]
     service = EditService(compiled)
     try:
-        # The first job of a new shape compiles it, with the slots off and on: then switching LoRAs must not.
-        answers = [run(compiled, None, job(loras, seed=40), service=service)[0] for loras in sequence[:2]]
+        # The first job of a new shape compiles it for 0, 1 and 2 active slots: then switching LoRAs must not.
+        answers = [run(compiled, None, job(loras, seed=40), service=service)[0] for loras in sequence[:3]]
         graphs = counters["stats"]["unique_graphs"]
-        answers += [run(compiled, None, job(loras, seed=40), service=service)[0] for loras in sequence[2:]]
+        answers += [run(compiled, None, job(loras, seed=40), service=service)[0] for loras in sequence[3:]]
         assert counters["stats"]["unique_graphs"] == graphs  # no recompilation across LoRA sets
         model = service.holder.get()
         assert model.compiled and model.lora_slots == ("slot0", "slot1")
+        # A one-LoRA job runs one slot, not both: the other, still holding a LoRA, is inactive.
+        assert model.pipe.transformer.active_adapters() == ["slot0"]
     finally:
         service.close()
     eager = [run(settings, holder, job(loras, seed=40))[0] for loras in sequence]  # named adapters, eager
     for loras, hot, reference in zip(sequence, answers, eager):
         assert np.abs(pixels(hot) - pixels(reference)).max() <= 2, loras  # compiled float32: within 2/255
-    assert np.array_equal(pixels(answers[0]), pixels(answers[4]))  # LoRA-free before and after: the same
+    assert np.array_equal(pixels(answers[0]), pixels(answers[5]))  # LoRA-free before and after: the same
     assert not np.array_equal(pixels(answers[1]), pixels(answers[0]))
 
 
