@@ -17,6 +17,7 @@ from runpod.serverless.modules.worker_state import IS_LOCAL_TEST
 
 import sdk_guards
 import startup_checks
+import startup_clock
 from config import ConfigError, Settings
 
 sdk_guards.install()  # a job holding a huge integer must not lose the jobs taken with it
@@ -62,6 +63,7 @@ def _get_service():
     if _service is None:
         from service import EditService
 
+        startup_clock.mark("imports done")
         # Progress goes to RunPod, and a broken worker retires, only when deployed on RunPod.
         deployed = not IS_LOCAL_TEST
         _service = EditService(

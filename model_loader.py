@@ -25,6 +25,7 @@ from config import Settings
 from devices import check_precision_supported, resolve_device_and_dtype
 from adapters import prepare_slots
 from loras import load_lora
+from startup_clock import seconds_since_start
 
 log = logging.getLogger("qwen_edit_worker.model")
 
@@ -77,7 +78,8 @@ class LoadedModel:
 def _timed(what: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
-    log.info("%s took %.2f s", what, time.perf_counter() - start)
+    log.info("%s took %.2f s (done %.1f s after the process started)", what, time.perf_counter() - start,
+             seconds_since_start())  # fmt: skip
 
 
 def find_in_caches(fetch, cache_dirs: list[str | None], what: str) -> str | None:
@@ -160,13 +162,16 @@ def quantization_config(
     return PipelineQuantizationConfig(quant_mapping={name: mapping[name] for name in components})
 
 
-def _load_pipeline(settings: Settings, path: str, dtype: torch.dtype):
+def _load_pipeline(settings: Settings, path: str, dtype: torch.dtype, onto: torch.device | None = None):
+    """The pipeline from `path`; with `onto`, every weight is read straight onto that device
+    (diffusers' `device_map`) instead of into CPU memory first."""
     from diffusers import QwenImageEditPlusPipeline
 
     quant = quantization_config(settings, dtype)
+    where = {"device_map": str(onto)} if onto is not None else {}
     try:
-        with _timed(f"loading the pipeline ({settings.precision_mode}) from {path}"):
-            return QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, quantization_config=quant)
+        with _timed(f"loading the pipeline ({settings.precision_mode}) from {path}" + (f" onto {onto}" if onto else "")):
+            return QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, quantization_config=quant, **where)
     except (torch.OutOfMemoryError, ValueError) as error:
         if settings.precision_mode != "8bit" or not _is_fit_error(error):
             raise
@@ -217,25 +222,50 @@ def _load_lightning(pipe, settings: Settings, quantized: bool) -> None:
     log.info("scheduler: the Lightning authors' FlowMatchEuler configuration (shift 3)")
 
 
-def _weights_bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+COMPONENTS = ("transformer", "text_encoder", "vae")
 
 
-def choose_offload(settings: Settings, pipe, device: torch.device) -> str:
-    """`auto`: keep everything on the GPU when it fits, else offload per model, else per layer."""
+def planned_bytes(path: str, dtype: torch.dtype) -> dict[str, int]:
+    """What each component's weights will take in memory at `dtype`, from the safetensors
+    headers alone (no weight is read): the offload decision is made before loading."""
+    from safetensors import safe_open
+
+    sizes = {}
+    for name in COMPONENTS:
+        total = 0
+        for file in sorted(Path(path, name).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as tensors:
+                for key in tensors.keys():
+                    tensor = tensors.get_slice(key)
+                    numel = math.prod(tensor.get_shape())
+                    floating = tensor.get_dtype() in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+                    total += numel * (dtype.itemsize if floating else _SAFETENSORS_ITEMSIZE.get(tensor.get_dtype(), 8))
+        sizes[name] = total
+    return sizes
+
+
+_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}
+
+
+def _unplaced_bytes(pipe) -> dict[str, int]:
+    """Weights still in CPU memory (bitsandbytes places its quantized models on the GPU at load)."""
+    return {name: sum(p.numel() * p.element_size() for p in getattr(pipe, name).parameters())
+            for name in COMPONENTS if _on_cpu(getattr(pipe, name))}  # fmt: skip
+
+
+def choose_offload(settings: Settings, sizes: dict[str, int], device: torch.device) -> str:
+    """`auto`: keep everything on the GPU when `sizes` (bytes per component still to place)
+    fit, else offload per model, else per layer."""
     if device.type != "cuda":
         if settings.cpu_offload not in ("none", "auto"):
             log.info("CPU_OFFLOAD=%s ignored: there is no GPU", settings.cpu_offload)
         return "none"
     if settings.cpu_offload != "auto":
         return settings.cpu_offload
-    free = torch.cuda.mem_get_info()[0]
-    # Count only what is still off the GPU: bitsandbytes places its quantized models at load.
-    names = [n for n in ("transformer", "text_encoder", "vae") if _on_cpu(getattr(pipe, n))]
-    if not names:
+    if not sizes:
         return "none"
-    sizes = [_weights_bytes(getattr(pipe, name)) for name in names]
-    need, largest = sum(sizes), max(sizes)
+    free = torch.cuda.mem_get_info()[0]
+    need, largest = sum(sizes.values()), max(sizes.values())
     choice = "none" if need <= free * FIT_FRACTION else "model" if largest <= free * FIT_FRACTION else "sequential"
     log.info("CPU_OFFLOAD=auto: weights %.1f GiB, GPU free %.1f GiB -> %s", need / 2**30, free / 2**30, choice)
     return choice
@@ -282,11 +312,18 @@ def load_model(settings: Settings) -> LoadedModel:
     device, dtype = resolve_device_and_dtype(settings)
     check_precision_supported(settings, device)
     bnb_quantized = settings.uses_bitsandbytes
-    pipe = _load_pipeline(settings, resolve_model_path(settings), dtype)
+    path = resolve_model_path(settings)
+    if bnb_quantized:  # bitsandbytes decides where its quantized layers go as it loads them
+        pipe = _load_pipeline(settings, path, dtype)
+        offload = choose_offload(settings, _unplaced_bytes(pipe), device)
+    else:
+        # Decided from the files' headers, so that weights that fit are read straight onto the
+        # GPU, and the Lightning LoRA is fused there, instead of on the CPU and then copied.
+        offload = choose_offload(settings, planned_bytes(path, dtype), device)
+        pipe = _load_pipeline(settings, path, dtype, onto=device if offload == "none" else None)
     pipe.set_progress_bar_config(disable=True)
     if settings.use_lightning_lora:
         _load_lightning(pipe, settings, bnb_quantized)
-    offload = choose_offload(settings, pipe, device)
     _place(pipe, offload, device, bnb_quantized)
     if settings.precision_mode == "fp8":
         _quantize_fp8(pipe)

@@ -19,6 +19,7 @@ import fetching
 import images
 import outputs
 import schema
+import startup_clock
 from batching import Batcher, BatcherClosed, WorkerBroken
 from config import Settings
 from engine import EditEngine, EditRequest, EditResult
@@ -79,6 +80,7 @@ class EditService:
         """Load the model (and compile it) as the worker starts, not on the first job; fetch
         and load the endpoint's own LoRAs (`LORAS`), so that its first job does not wait."""
         compilation.warm_up(self.holder.get(), self.engine.warm_up)
+        startup_clock.mark("model loaded and warmed up")
         if self.default_loras:
             files = [self.lora_store.obtain(i, lora) for i, lora in enumerate(self.default_loras)]
             try:

@@ -72,6 +72,27 @@ def test_vae_options_and_offload_on_cpu(tiny_env):
     assert model.offload == "none"  # there is no GPU to offload from
 
 
+def test_weights_that_fit_are_read_straight_onto_the_device(base_holder):
+    """Not read into CPU memory and copied: diffusers' device_map places each weight as it is read."""
+    assert base_holder.get().pipe.hf_device_map == "cpu"  # the tiny model's device here
+
+
+def test_the_offload_decision_comes_from_the_file_headers_before_loading(tiny_settings, base_holder, monkeypatch):
+    from tiny_model import ensure_tiny_model
+
+    path = str(ensure_tiny_model(tiny_settings.model_dir) / "pipeline")
+    planned = model_loader.planned_bytes(path, torch.bfloat16)
+    pipe = base_holder.get().pipe  # float32 in memory: twice the bf16 bytes
+    for name in model_loader.COMPONENTS:
+        loaded = sum(p.numel() * p.element_size() for p in getattr(pipe, name).parameters())
+        assert planned[name] == loaded // 2, name
+    need, largest = sum(planned.values()), max(planned.values())
+    gpu = torch.device("cuda")
+    for free, expected in ((need * 2, "none"), (int(largest / 0.8) + 1024, "model"), (largest, "sequential")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda free=free: (free, free))
+        assert model_loader.choose_offload(tiny_settings, planned, gpu) == expected, free
+
+
 def _as_hub_cache(pipeline_dir, cache_root, repo_id: str, revision: str = "0" * 40):
     """Lay a saved pipeline out as huggingface_hub's cache does (models--org--name/snapshots/rev)."""
     repo_dir = cache_root / f"models--{repo_id.replace('/', '--')}"
