@@ -7,8 +7,10 @@ an exit before the worker takes a job.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -58,6 +60,9 @@ class Settings:
     batch_wait_ms: int = 50
     max_input_images: int = 3
     max_image_bytes: int = 20 * 1024 * 1024
+    # Not a variable: MODEL_DIR when it is on another filesystem than the container's own disk
+    # (a network volume), where the compile cache is mirrored; None when it is local.
+    compile_cache_mirror: str | None = None
     max_image_pixels: int = 4096 * 4096
     image_download_timeout_s: float = 15.0
     allow_private_image_urls: bool = False
@@ -149,6 +154,8 @@ class Settings:
             max_lora_rank=env.integer("MAX_LORA_RANK", cls.max_lora_rank, 1, 512),
             default_loras=env.json_list("LORAS"),
         )
+        if _on_another_filesystem(settings.model_dir, tempfile.gettempdir()):
+            settings = dataclasses.replace(settings, compile_cache_mirror=settings.model_dir)
         if settings.batch_cfg and not settings.attention_takes_masks:
             raise ConfigError(
                 f"CFG_BATCHING=true pads the negative prompt to the prompt's length, which ATTENTION_BACKEND="
@@ -167,14 +174,39 @@ def default_model_dir(runpod_volume: str = RUNPOD_VOLUME) -> str:
     return CONTAINER_MODEL_DIR
 
 
+def _on_another_filesystem(path: str, local: str) -> bool:
+    """Whether `path` (or, before it exists, its nearest existing parent) lives on another
+    filesystem than `local`."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return os.stat(path).st_dev != os.stat(local).st_dev
+    except OSError:
+        return False
+
+
+def compile_cache_dir(settings: Settings) -> str:
+    """Where torch.compile's cache is written: with the weights when they are on the container's
+    disk; on the container's disk, mirrored to the volume, when they are on a volume (its
+    thousands of small files are slow over a network filesystem)."""
+    if settings.compile_cache_mirror:
+        return os.path.join(tempfile.gettempdir(), "qwen-edit-worker", "torchinductor")
+    return os.path.join(settings.model_dir, "torchinductor")
+
+
 def export_library_settings(settings: Settings) -> None:
-    """Environment that libraries read themselves: keep torch.compile's cache with the weights,
-    so that a restarted worker on the same volume does not compile again. A cache directory
-    the user chose is kept; torch's own default is not a choice (importing diffusers writes
-    it into the environment), so it is replaced."""
+    """Environment that libraries read themselves: torch.compile's cache directory. A cache
+    directory the user chose is kept; torch's own default is not a choice (importing diffusers
+    writes it into the environment), so it is replaced."""
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if current is None or current == _inductor_default_cache_dir():
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(settings.model_dir, "torchinductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir(settings)
+
+
+def inductor_cache_dir() -> str | None:
+    """The compile cache directory in force (after `export_library_settings`)."""
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 
 def _inductor_default_cache_dir() -> str | None:

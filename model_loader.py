@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 
+import compile_cache
 from compilation import compile_transformer, should_compile
 from config import Settings
 from devices import check_precision_supported, resolve_device_and_dtype
@@ -312,6 +313,7 @@ def load_model(settings: Settings) -> LoadedModel:
     device, dtype = resolve_device_and_dtype(settings)
     check_precision_supported(settings, device)
     bnb_quantized = settings.uses_bitsandbytes
+    restoring = compile_cache.restore(settings) if settings.compile_transformer is not False else None
     path = resolve_model_path(settings)
     if bnb_quantized:  # bitsandbytes decides where its quantized layers go as it loads them
         pipe = _load_pipeline(settings, path, dtype)
@@ -334,6 +336,8 @@ def load_model(settings: Settings) -> LoadedModel:
         # Before compiling: per-request LoRAs are then hot-swapped without recompiling.
         with _timed("preparing LoRA slots"):
             slots = prepare_slots(pipe, settings.max_loras, settings.max_lora_rank)
+    if restoring is not None:
+        restoring.join()  # the mirrored compile cache, copied while the weights loaded
     if compiled:
         compile_transformer(pipe, settings)
     precision = (

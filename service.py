@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 import compilation
+import compile_cache
 import fetching
 import images
 import outputs
@@ -79,8 +80,11 @@ class EditService:
     def _start(self) -> None:
         """Load the model (and compile it) as the worker starts, not on the first job; fetch
         and load the endpoint's own LoRAs (`LORAS`), so that its first job does not wait."""
-        compilation.warm_up(self.holder.get(), self.engine.warm_up)
+        model = self.holder.get()
+        compilation.warm_up(model, self.engine.warm_up)
         startup_clock.mark("model loaded and warmed up")
+        if model.compiled:
+            compile_cache.keep(self.settings)
         if self.default_loras:
             files = [self.lora_store.obtain(i, lora) for i, lora in enumerate(self.default_loras)]
             try:

@@ -3,6 +3,7 @@ exists, and served eagerly, with one warning, where none does (as in an image wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -60,3 +61,58 @@ def test_compile_transformer_is_auto_by_default_and_takes_booleans(tiny_env):
     assert Settings.from_env(tiny_env(COMPILE_TRANSFORMER="auto")).compile_transformer is None
     assert Settings.from_env(tiny_env(COMPILE_TRANSFORMER="yes")).compile_transformer is True
     assert Settings.from_env(tiny_env(COMPILE_TRANSFORMER="0")).compile_transformer is False
+
+
+def test_weights_on_a_volume_put_the_compile_cache_on_local_disk_mirrored_there(tmp_path):
+    import config
+
+    (tmp_path / "local").mkdir()
+    assert config._on_another_filesystem(str(tmp_path / "not-yet"), str(tmp_path / "local")) is False
+    assert config._on_another_filesystem("/proc/self", str(tmp_path / "local")) is True  # another filesystem
+    local = Settings.from_env({"MODEL_DIR": str(tmp_path / "models")})
+    assert local.compile_cache_mirror is None
+    assert config.compile_cache_dir(local) == str(tmp_path / "models" / "torchinductor")
+    on_volume = dataclasses.replace(local, compile_cache_mirror=str(tmp_path / "models"))
+    assert not config.compile_cache_dir(on_volume).startswith(str(tmp_path / "models"))
+
+
+WORKER_ON_A_VOLUME = """
+import asyncio, dataclasses, json, sys
+from torch._dynamo.utils import counters
+from config import Settings
+from service import EditService
+import runpod.serverless.utils.rp_volume_cache as volume_cache
+settings = dataclasses.replace(Settings.from_env(), compile_cache_mirror=sys.argv[1])  # as if MODEL_DIR were on a volume
+service = EditService(settings)
+answer = asyncio.run(service.handle({"id": "j", "input": json.loads(sys.argv[2])}))
+service.close()
+volume_cache._join_pending_syncs()  # the background save, as the worker's exit would
+print("RESULT " + json.dumps({"image": answer.get("output_image_base64"), "error": answer.get("error"),
+                              "hits": counters["inductor"]["fxgraph_cache_hit"]}))
+"""
+
+
+def test_a_worker_on_the_same_volume_starts_from_the_compile_cache_the_last_one_left(tiny_env, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.test_handler import ROOT
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    local = tmp_path / "container-disk"  # the same path in every container, empty in a new one
+    results = []
+    for worker in ("first", "second"):  # two containers, one volume
+        shutil.rmtree(local, ignore_errors=True)
+        env = worker_env(tiny_env, COMPILE_TRANSFORMER="true", TORCHINDUCTOR_CACHE_DIR=str(local))
+        done = subprocess.run([sys.executable, "-c", WORKER_ON_A_VOLUME, str(volume), json.dumps(JOB["input"])], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+        lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        assert lines, done.stderr[-3000:]
+        results.append(json.loads(lines[0]))
+        assert results[-1]["error"] is None
+        assert (volume / ".cache" / "qwen-edit-worker-compile" / "manifest.json").exists()  # saved there
+    assert results[0]["hits"] == 0
+    assert results[1]["hits"] > 0  # restored before compiling: inductor found its graphs compiled
+    assert results[0]["image"] == results[1]["image"]
