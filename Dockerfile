@@ -1,6 +1,6 @@
 # qwen-edit-worker: a RunPod serverless worker for Qwen-Image-Edit-2509.
-# No weights are baked in: the model is downloaded (or found in RunPod's model cache)
-# at run time into MODEL_DIR. torch from PyPI is a CUDA 13.0 build, so hosts need an
+# The model is not baked in: it is downloaded (or found in RunPod's model cache) at run
+# time into MODEL_DIR. Only the Lightning LoRA can be, on request (BAKE_LIGHTNING below). torch from PyPI is a CUDA 13.0 build, so hosts need an
 # NVIDIA driver of 580 or newer.
 FROM nvidia/cuda:13.0.0-base-ubuntu24.04
 
@@ -23,5 +23,10 @@ RUN pip install -r requirements.txt
 
 COPY *.py test_input.json ./
 COPY assets ./assets
+
+# ./build.sh IMAGE TAG --bake-lightning 8 (or 4,8): the Lightning LoRA for those steps goes into
+# the image (850 MB each), so that new workers do not download it. Empty: nothing is baked.
+ARG BAKE_LIGHTNING=""
+RUN if [ -n "$BAKE_LIGHTNING" ]; then python bake_lightning.py "$BAKE_LIGHTNING"; fi
 
 CMD ["python", "-u", "handler.py"]

@@ -20,6 +20,9 @@ OFFLOAD_MODES = ("none", "model", "sequential", "auto")
 LIGHTNING_STEP_CHOICES = (4, 8)
 RUNPOD_VOLUME = "/runpod-volume"  # where RunPod mounts an endpoint's network volume
 RUNPOD_HF_CACHE = "/runpod-volume/huggingface-cache/hub"  # RunPod's model cache (the endpoint's "Model")
+# Files baked into the image at build time (`./build.sh IMAGE TAG --bake-lightning 8`), in
+# huggingface_hub's cache layout: looked in after MODEL_DIR and RunPod's cache.
+IMAGE_HF_CACHE = "/app/hf-cache"
 CONTAINER_MODEL_DIR = "/models/qwen_image_edit_2509"
 VOLUME_MODEL_DIR_NAME = "qwen-edit-worker"
 STOCK_REFERENCE_AREA = 1024 * 1024  # what diffusers' pipeline encodes references at
@@ -42,7 +45,7 @@ class ConfigError(ValueError):
 class Settings:
     model_id: str = "Qwen/Qwen-Image-Edit-2509"
     model_dir: str = CONTAINER_MODEL_DIR
-    hf_cache_dirs: tuple[str, ...] = (RUNPOD_HF_CACHE,)
+    hf_cache_dirs: tuple[str, ...] = (RUNPOD_HF_CACHE, IMAGE_HF_CACHE)
     precision_mode: str = "bf16"
     use_lightning_lora: bool = True
     lightning_steps: int = 8

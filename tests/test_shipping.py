@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 import schema
 from config import Settings, variable_names, variable_specs
@@ -41,10 +45,34 @@ def test_dockerfile_installs_requirements_and_runs_the_handler():
         assert downloader not in text  # no weights in the image
 
 
-def test_build_script_targets_amd64_and_takes_image_and_tag():
-    text = (ROOT / "build.sh").read_text()
-    assert "--platform linux/amd64" in text
-    assert 'image="$1"' in text and 'tag="${2:-latest}"' in text
+@pytest.mark.parametrize(
+    "args, tag, bake",
+    [(["me/worker"], "latest", ""), (["me/worker", "1.0"], "1.0", ""), (["me/worker", "--bake-lightning", "8"], "latest", "8"),
+     (["me/worker", "1.0", "--bake-lightning", "4,8"], "1.0", "4,8")],
+)  # fmt: skip
+def test_build_script_targets_amd64_and_takes_image_tag_and_the_lightning_to_bake(tmp_path, args, tag, bake):
+    # No Docker engine here: a stand-in `docker` on PATH records what build.sh asks of it.
+    stub = tmp_path / "docker"
+    stub.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\n')
+    stub.chmod(0o755)
+    done = subprocess.run(["bash", str(ROOT / "build.sh"), *args], env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    called = (tmp_path / "args").read_text().split()
+    assert called[:3] == ["build", "--platform", "linux/amd64"]
+    assert f"BAKE_LIGHTNING={bake}" in called and called[called.index("-t") + 1] == f"me/worker:{tag}"
+
+
+def test_the_dockerfile_bakes_lightning_only_when_asked_into_the_cache_the_loader_reads():
+    import bake_lightning
+    from config import IMAGE_HF_CACHE
+
+    text = (ROOT / "Dockerfile").read_text()
+    assert 'ARG BAKE_LIGHTNING=""' in text
+    assert 'RUN if [ -n "$BAKE_LIGHTNING" ]; then python bake_lightning.py "$BAKE_LIGHTNING"; fi' in text
+    assert IMAGE_HF_CACHE in Settings.from_env({}).hf_cache_dirs
+    with pytest.raises(SystemExit, match="--bake-lightning takes steps from"):
+        bake_lightning.bake("16")
 
 
 def hub_manifest() -> dict:
