@@ -118,6 +118,8 @@ def resolve_model_path(settings: Settings) -> str:
 
         with _timed("building the tiny random model"):
             return str(ensure_tiny_model(settings.model_dir) / "pipeline")
+    if Path(settings.model_id, "model_index.json").is_file():  # a pipeline saved on disk
+        return settings.model_id
     from huggingface_hub import snapshot_download
 
     def fetch(**kwargs):

@@ -72,7 +72,11 @@ def case(blocks: int, mode: str) -> dict:
         torch.cuda.synchronize()
         times.append(round(time.perf_counter() - start, 2))
         graphs.append(counters["stats"]["unique_graphs"] - before)
-    return {"blocks": blocks, "mode": mode, "seconds": times, "graphs": graphs, "recompile_reasons": reasons[:8]}
+    from torch._dynamo.utils import compile_times
+
+    phases = [line for line in compile_times(repr="str").splitlines() if line.strip()][:14]
+    return {"blocks": blocks, "mode": mode, "seconds": times, "graphs": graphs, "recompile_reasons": reasons[:8],
+            "compile_phases": phases}
 
 
 def main() -> None:

@@ -116,6 +116,13 @@ def test_weights_are_found_in_runpods_model_cache_without_downloading(tmp_path, 
     assert isinstance(QwenImageEditPlusPipeline.from_pretrained(path), QwenImageEditPlusPipeline)
 
 
+def test_a_pipeline_directory_is_used_as_it_is(tiny_settings):
+    from tiny_model import ensure_tiny_model
+
+    directory = str(ensure_tiny_model(tiny_settings.model_dir) / "pipeline")
+    assert model_loader.resolve_model_path(Settings.from_env({"MODEL_ID": directory})) == directory
+
+
 def test_lora_is_found_in_model_dir_before_any_download(tmp_path, tiny_settings):
     from tiny_model import ensure_tiny_model
 

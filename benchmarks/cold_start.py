@@ -1,0 +1,170 @@
+"""A new worker's cold start at real size: each stage's end, and the raw read of the same files.
+
+    python3 benchmarks/cold_start.py --dir /tmp/cold --runs bf16/empty/3,bf16/warm/3,fp8/empty/0
+
+Once per --dir: builds the real-size pipeline with random weights (`gpu_speed.build_pipeline`),
+saves it with `save_pretrained` (what a downloaded model is on disk), and writes a rank-64
+Lightning-format LoRA over the transformer's 720 linear layers into MODEL_DIR in
+huggingface_hub's cache layout, where the worker finds a downloaded Lightning file.
+Then it drops the page cache for those files and reads them raw (the floor: no start can
+load the weights faster than the disk gives them), and for each run PRECISION/CACHE/MAX_LORAS
+(cache `empty`: MODEL_DIR's inductor cache removed; `warm`: as the previous run left it) drops
+the page cache again and starts a fresh process that does what a worker does: imports, builds
+`EditService` (which loads the model, fuses Lightning, compiles and warms up), then answers
+one 1024² Lightning-8 edit. The child prints the worker's own start-up log lines with the
+seconds since its process started, and the time to the first result. The last lines are a
+markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+LIGHTNING_REPO = "lightx2v/Qwen-Image-Lightning"
+REVISION = "0" * 40
+
+
+def prepare(folder: Path) -> None:
+    """The saved pipeline and the Lightning file, once."""
+    import torch
+
+    from config import default_lightning_weight
+    from gpu_speed import build_pipeline
+    from tiny_model import lightning_format_lora
+
+    if (folder / "model" / "model_index.json").exists():
+        return
+    from safetensors.torch import save_file
+
+    pipe = build_pipeline()
+    start = time.perf_counter()
+    pipe.save_pretrained(folder / "model")
+    print(f"saved the pipeline in {time.perf_counter() - start:.0f} s", flush=True)
+    repo = folder / "volume" / f"models--{LIGHTNING_REPO.replace('/', '--')}"
+    target = repo / "snapshots" / REVISION / default_lightning_weight(8)
+    target.parent.mkdir(parents=True)
+    save_file(lightning_format_lora(pipe.transformer, rank=64, alpha=8.0, seed=0, std=0.01), str(target))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+    del pipe
+    torch.cuda.empty_cache()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return sorted([*(folder / "model").rglob("*.safetensors"), *(folder / "volume").rglob("*.safetensors")])
+
+
+def drop_page_cache(files: list[Path]) -> str:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for file in files:
+            descriptor = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(descriptor)
+        return "fadvise(DONTNEED)"
+
+
+def raw_read(files: list[Path]) -> tuple[float, float]:
+    """Seconds and GB/s to read every byte once, 64 MiB at a time."""
+    total, start = 0, time.perf_counter()
+    for file in files:
+        with open(file, "rb", buffering=0) as stream:
+            while chunk := stream.read(64 << 20):
+                total += len(chunk)
+    seconds = time.perf_counter() - start
+    return seconds, total / seconds / 1e9
+
+
+def child() -> None:
+    """One worker start, as RunPod runs it, up to its first result."""
+    records: list[tuple[float, str]] = []
+
+    import startup_clock
+
+    class Stages(logging.Handler):
+        def emit(self, record):
+            records.append((round(startup_clock.seconds_since_start(), 1), record.getMessage()[:160]))
+
+    logging.basicConfig(level=logging.WARNING)
+    worker_log = logging.getLogger("qwen_edit_worker")
+    worker_log.setLevel(logging.INFO)
+    worker_log.addHandler(Stages())
+    import torch  # noqa: F401
+
+    records.append((round(startup_clock.seconds_since_start(), 1), "import torch"))
+    import asyncio
+
+    from config import Settings
+    from gpu_speed import input_png
+    from service import EditService
+
+    startup_clock.mark("imports done")
+    service = EditService(Settings.from_env())
+    job = {"id": "first", "input": {"prompt": "Add a red hat to the person on the left", "image_base64": input_png(1024, 0),
+                                    "width": 1024, "height": 1024, "seed": 1}}  # fmt: skip
+    answer = asyncio.run(service.handle(job))
+    first = startup_clock.seconds_since_start()
+    print("RESULT " + json.dumps({"first_result_s": round(first, 1), "error": answer.get("error"),
+                                  "job_timings_ms": answer.get("timings_ms"), "stages": records}), flush=True)  # fmt: skip
+    os._exit(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--runs", default="bf16/empty/3,bf16/warm/3", help="PRECISION/CACHE/MAX_LORAS, comma-separated")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child()
+        return
+    folder = Path(args.dir)
+    prepare(folder)
+    files = weight_files(folder)
+    size = sum(file.stat().st_size for file in files) / 1e9
+    how = drop_page_cache(files)
+    read_s, speed = raw_read(files)
+    print(f"raw read of {size:.1f} GB after {how}: {read_s:.1f} s ({speed:.2f} GB/s)", flush=True)
+    rows = []
+    for run in args.runs.split(","):
+        precision, cache, max_loras = run.split("/")
+        if cache == "empty":
+            shutil.rmtree(folder / "volume" / "torchinductor", ignore_errors=True)
+        drop_page_cache(files)
+        env = {**os.environ, "MODEL_ID": str(folder / "model"), "MODEL_DIR": str(folder / "volume"),
+               "PRECISION_MODE": precision, "MAX_LORAS": max_loras, "MAX_BATCH_SIZE": "1"}  # fmt: skip
+        done = subprocess.run([sys.executable, __file__, "--dir", args.dir, "--child"], env=env, capture_output=True,
+                              text=True, timeout=560)  # fmt: skip
+        lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if not lines:
+            print(json.dumps({"run": run, "failed": done.stderr[-2000:]}), flush=True)
+            continue
+        result = json.loads(lines[0])
+        print(json.dumps({"run": run, **result}), flush=True)
+        rows.append((run, result))
+    print(f"\n{size:.1f} GB read raw in {read_s:.1f} s ({speed:.2f} GB/s, page cache dropped by {how})\n")
+    print("| precision / compile cache / MAX_LORAS | first 1024² result s | minus the raw read s |")
+    print("| --- | --- | --- |")
+    for run, result in rows:
+        print(f"| {run} | {result['first_result_s']} | {result['first_result_s'] - read_s:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
