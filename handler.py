@@ -15,6 +15,8 @@ import sys
 import runpod
 from runpod.serverless.modules.worker_state import IS_LOCAL_TEST
 
+import model_loader
+import prefetch
 import sdk_guards
 import startup_checks
 import startup_clock
@@ -110,6 +112,8 @@ def _serve() -> int:
     # Until RunPod's JobScaler installs its handler, SIGTERM (from RunPod, or from `_retire`
     # when the model fails to load early) stops the start-up instead of killing the process.
     signal.signal(signal.SIGTERM, _stop_before_serving)
+    # The weights start coming into memory while the worker imports its libraries.
+    prefetch.start(model_loader.local_model_path(SETTINGS))
     try:
         startup_checks.run(SETTINGS)  # a folder or bucket that cannot be used stops the worker here
     except ConfigError as unusable:

@@ -103,20 +103,20 @@ def child() -> None:
             records.append((round(startup_clock.seconds_since_start(), 1), record.getMessage()[:160]))
 
     logging.basicConfig(level=logging.WARNING)
-    worker_log = logging.getLogger("qwen_edit_worker")
+    worker_log = logging.getLogger("qwen_edit_worker")  # the worker's loggers, prefetch's included
     worker_log.setLevel(logging.INFO)
     worker_log.addHandler(Stages())
-    import torch  # noqa: F401
+    import handler  # what `python handler.py` imports first
 
-    records.append((round(startup_clock.seconds_since_start(), 1), "import torch"))
+    records.append((round(startup_clock.seconds_since_start(), 1), "handler imported"))
+    handler.prefetch.start(handler.model_loader.local_model_path(handler.SETTINGS))  # as handler._serve does
     import asyncio
 
-    from config import Settings
     from gpu_speed import input_png
     from service import EditService
 
     startup_clock.mark("imports done")
-    service = EditService(Settings.from_env())
+    service = EditService(handler.SETTINGS)
     job = {"id": "first", "input": {"prompt": "Add a red hat to the person on the left", "image_base64": input_png(1024, 0),
                                     "width": 1024, "height": 1024, "seed": 1}}  # fmt: skip
     answer = asyncio.run(service.handle(job))
