@@ -106,17 +106,21 @@ def child() -> None:
     worker_log = logging.getLogger("qwen_edit_worker")  # the worker's loggers, prefetch's included
     worker_log.setLevel(logging.INFO)
     worker_log.addHandler(Stages())
-    import handler  # what `python handler.py` imports first
+    # What handler.py does before serving (runpod itself is not installed on the GPU machine).
+    import model_loader
+    import prefetch
+    from config import Settings
 
-    records.append((round(startup_clock.seconds_since_start(), 1), "handler imported"))
-    handler.prefetch.start(handler.model_loader.local_model_path(handler.SETTINGS))  # as handler._serve does
+    settings = Settings.from_env()
+    records.append((round(startup_clock.seconds_since_start(), 1), "torch and the loader imported"))
+    prefetch.start(model_loader.local_model_path(settings))
     import asyncio
 
     from gpu_speed import input_png
     from service import EditService
 
     startup_clock.mark("imports done")
-    service = EditService(handler.SETTINGS)
+    service = EditService(settings)
     job = {"id": "first", "input": {"prompt": "Add a red hat to the person on the left", "image_base64": input_png(1024, 0),
                                     "width": 1024, "height": 1024, "seed": 1}}  # fmt: skip
     answer = asyncio.run(service.handle(job))
