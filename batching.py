@@ -27,6 +27,10 @@ Semantics (the contract the handler and the tests rely on):
 - A request whose awaitable was cancelled while queued never reaches the GPU; one
   cancelled while its batch runs is simply not answered, the others are.
 - Every submitted request is answered exactly once (result, error, or cancellation).
+- `on_idle`, if given, runs on the GPU thread, one step at a time, only while no request is
+  queued: work that can wait (compiling shapes no job has asked for yet) never delays a job
+  by more than the one step already running. It returns whether more steps remain; one
+  that raises stops the idle work.
 - A broken worker fails fast: if `on_start` (model loading) raises, or a batch raises an
   error that `is_fatal` says leaves the process unusable (a CUDA error), every queued and
   later request gets that error at once, `failure` holds it, and `on_failure` is called
@@ -173,6 +177,7 @@ class Batcher(Generic[Req, Res]):
         on_start: Callable[[], Any] | None = None,
         is_fatal: Callable[[BaseException], bool] = lambda error: False,
         on_failure: Callable[[WorkerBroken], Any] | None = None,
+        on_idle: Callable[[], bool] | None = None,
         adaptive: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -186,6 +191,7 @@ class Batcher(Generic[Req, Res]):
         self._on_start = on_start
         self._is_fatal = is_fatal
         self._on_failure = on_failure
+        self._on_idle = on_idle
         self.failure: WorkerBroken | None = None
         self._clock = clock
         self.costs: CostModel | None = CostModel() if adaptive else None
@@ -250,20 +256,33 @@ class Batcher(Generic[Req, Res]):
             self._on_failure(failure)
 
     def _next_batch(self) -> list[_Item] | None:
-        with self._cond:
-            while True:
+        while True:
+            with self._cond:
                 self._pending = [item for item in self._pending if not item.cancelled]
                 if not self._pending:
                     if self._closing:
                         return None
-                    self._cond.wait()
+                    if self._on_idle is None:
+                        self._cond.wait()
+                        continue
+                else:
+                    batch, wait = self._ready_batch(self._clock())
+                    if batch:
+                        taken = {id(item) for item in batch}
+                        self._pending = [item for item in self._pending if id(item) not in taken]
+                        return batch
+                    self._cond.wait(timeout=wait)
                     continue
-                batch, wait = self._ready_batch(self._clock())
-                if batch:
-                    taken = {id(item) for item in batch}
-                    self._pending = [item for item in self._pending if id(item) not in taken]
-                    return batch
-                self._cond.wait(timeout=wait)
+            self._idle_step()  # outside the lock: requests keep arriving meanwhile
+
+    def _idle_step(self) -> None:
+        try:
+            more = self._on_idle()
+        except Exception:  # noqa: BLE001 - idle work is optional; jobs must not pay for it
+            log.exception("idle work failed; stopping it")
+            more = False
+        if not more:
+            self._on_idle = None
 
     def _ready_batch(self, now: float) -> tuple[list[_Item], float]:
         """The batch to run now, or none and how long until one could be ready."""

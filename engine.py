@@ -114,11 +114,15 @@ def _dimensions(area: int, image: Image.Image) -> tuple[int, int]:
     return max(SIDE_STEP, width), max(SIDE_STEP, height)
 
 
+WARM_UP_PROMPTS = ("warm up", "warm up the compiled transformer with a somewhat longer prompt")
+
+
 class EditEngine:
     def __init__(self, settings: Settings, model: Callable[[], LoadedModel]):
         self._settings = settings
         self._model = model
         self.default_output_area = settings.reference_image_area if settings.is_tiny else DEFAULT_OUTPUT_AREA
+        self._slot_counts_to_warm: list[int] = []
 
     def plan(self, request: EditRequest) -> _Plan:
         references = tuple(_dimensions(self._settings.reference_image_area, img) for img in request.images)
@@ -143,25 +147,41 @@ class EditEngine:
     def warm_up(self) -> None:
         """Compile for the most common shape (the default output size, one square reference)
         before the first job: two prompt lengths, so that later lengths reuse one
-        dynamic-shape graph; then, with LoRA slots, once for each number of active slots."""
+        dynamic-shape graph. With LoRA slots, the graphs for 1 to `MAX_LORAS` active slots
+        are compiled afterwards, while the GPU is idle (`warm_up_slots`)."""
+        model = self._model()
+        for prompt in WARM_UP_PROMPTS:
+            self._warm_up_edit(model, 0, prompt)
+        self._slot_counts_to_warm = list(range(1, len(model.lora_slots) + 1))
+
+    def warm_up_slots(self) -> bool:
+        """Compile the graph for the next number of active LoRA slots (one 1-step edit);
+        whether more remain. A LoRA job that comes first compiles its own count as it runs."""
+        if not self._slot_counts_to_warm:
+            return False
+        self._warm_up_edit(self._model(), self._slot_counts_to_warm[0], WARM_UP_PROMPTS[0])
+        self._slot_counts_to_warm.pop(0)
+        return bool(self._slot_counts_to_warm)
+
+    @property
+    def slots_warming(self) -> bool:
+        """Whether slot graphs are still to be compiled (`warm_up_slots`)."""
+        return bool(self._slot_counts_to_warm)
+
+    def _warm_up_edit(self, model: LoadedModel, slots: int, prompt: str) -> None:
         side = round_to_multiple(int(self.default_output_area**0.5))
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
-        model = self._model()
-        prompts = ("warm up", "warm up the compiled transformer with a somewhat longer prompt")
-        runs = [(0, prompt) for prompt in prompts] + [(count, prompts[0]) for count in range(1, len(model.lora_slots) + 1)]
+        edit = EditRequest(prompt=prompt, images=(image,), seed=0, num_inference_steps=1,
+                           true_cfg_scale=self._settings.default_true_cfg_scale, width=side, height=side)  # fmt: skip
         adapters = self._adapters(model)
+        start = time.perf_counter()
+        adapters.use_slots(model, slots)  # whatever the slots hold: the output is not used
         try:
-            for count, prompt in runs:
-                adapters.use_slots(model, count)
-                start = time.perf_counter()
-                edit = EditRequest(prompt=prompt, images=(image,), seed=0, num_inference_steps=1,
-                                   true_cfg_scale=self._settings.default_true_cfg_scale, width=side, height=side)  # fmt: skip
-                with torch.inference_mode():  # run_batch would set the slots for the request's (no) LoRAs
-                    self._run(model, [edit])
-                log.info("warm-up edit%s took %.1f s", f" ({count} LoRA slots on)" if count else "",
-                         time.perf_counter() - start)  # fmt: skip
+            with torch.inference_mode():
+                self._run(model, [edit])
         finally:
-            adapters.use_slots(model, 0)
+            adapters.use_slots(model, 0)  # the next batch sets its own
+        log.info("warm-up edit%s took %.1f s", f" ({slots} LoRA slots on)" if slots else "", time.perf_counter() - start)
 
     def batch_key(self, request: EditRequest) -> Hashable:
         """Requests with equal keys can share one transformer batch. With an attention backend

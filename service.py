@@ -75,6 +75,7 @@ class EditService:
             is_fatal=_leaves_gpu_unusable,
             on_start=self._start,
             on_failure=on_broken,
+            on_idle=self._warm_up_while_idle,
         )
 
     def _start(self) -> None:
@@ -83,7 +84,7 @@ class EditService:
         model = self.holder.get()
         compilation.warm_up(model, self.engine.warm_up)
         startup_clock.mark("model loaded and warmed up")
-        if model.compiled:
+        if model.compiled and not model.lora_slots:  # with slots: once they are compiled too
             compile_cache.keep(self.settings)
         if self.default_loras:
             files = [self.lora_store.obtain(i, lora) for i, lora in enumerate(self.default_loras)]
@@ -92,6 +93,23 @@ class EditService:
             finally:
                 self.lora_store.release(files)
             log.info("LORAS ready: %s", ", ".join(lora.path for lora in self.default_loras))
+
+    def _warm_up_while_idle(self) -> bool:
+        """The LoRA slots' graphs, one per step, when no job waits; whether more remain."""
+        model = self.holder.get()
+        if not model.compiled:
+            return False
+        try:
+            more = self.engine.warm_up_slots()
+        except Exception as error:  # noqa: BLE001 - compiling failed: serve eagerly, as at start
+            if not compilation.is_compile_failure(error):
+                raise
+            compilation.fall_back_to_eager(model, error)
+            return False
+        if not more:
+            startup_clock.mark("LoRA slots compiled")
+            compile_cache.keep(self.settings)
+        return more
 
     def close(self) -> None:
         """Take no new jobs; finish what is queued and running."""

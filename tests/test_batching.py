@@ -292,3 +292,50 @@ def test_the_cost_model_keeps_a_bounded_number_of_keys():
     for n in range(10, 12):
         costs.record(f"key-{n}", 1, shared=False, seconds=1.0)
     assert costs.has_baseline("key-7") and not costs.has_baseline("key-8")
+
+
+def test_idle_work_runs_a_step_at_a_time_and_only_while_no_request_waits():
+    order: list[str] = []
+    step_started, release = threading.Event(), threading.Event()
+
+    def run_batch(jobs):
+        order.append("+".join(j.name for j in jobs))
+        return ["ok" for _ in jobs]
+
+    def idle() -> bool:
+        order.append(f"idle{sum(o.startswith('idle') for o in order) + 1}")
+        step_started.set()
+        release.wait(10)
+        return order.count("idle3") == 0  # three steps in all
+
+    batcher = Batcher(run_batch, key=lambda j: j.key, max_batch_size=4, max_wait_s=0, adaptive=False, on_idle=idle)
+
+    async def scenario():
+        await asyncio.to_thread(step_started.wait, 5)  # the first step holds the GPU thread
+        job = batcher.submit(Job("job"))
+        release.set()
+        await job  # after the step already running, before any other
+        await asyncio.sleep(0.3)
+
+    run(scenario())
+    batcher.close()
+    assert order == ["idle1", "job", "idle2", "idle3"]
+
+
+def test_idle_work_that_fails_stops_and_requests_are_still_served():
+    calls = []
+
+    def idle() -> bool:
+        calls.append(1)
+        raise RuntimeError("compile failed")
+
+    batcher = Batcher(lambda jobs: ["ok" for _ in jobs], key=lambda j: j.key, max_batch_size=4, max_wait_s=0,
+                      adaptive=False, on_idle=idle)  # fmt: skip
+
+    async def scenario():
+        await asyncio.sleep(0.2)
+        return await batcher.submit(Job("job"))
+
+    assert run(scenario()) == "ok"
+    batcher.close()
+    assert calls == [1] and batcher.failure is None

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import dataclasses
 import io
+import time
 
 import numpy as np
 import pytest
@@ -273,6 +274,9 @@ def test_a_compiled_worker_hot_swaps_loras_without_recompiling(tiny_env, tmp_pat
     try:
         # The first job of a new shape compiles it for 0, 1 and 2 active slots: then switching LoRAs must not.
         answers = [run(compiled, None, job(loras, seed=40), service=service)[0] for loras in sequence[:3]]
+        deadline = time.monotonic() + 120
+        while service.engine.slots_warming and time.monotonic() < deadline:  # compiled while idle
+            time.sleep(0.1)
         graphs = counters["stats"]["unique_graphs"]
         answers += [run(compiled, None, job(loras, seed=40), service=service)[0] for loras in sequence[3:]]
         assert counters["stats"]["unique_graphs"] == graphs  # no recompilation across LoRA sets
@@ -334,3 +338,28 @@ def test_loras_from_the_environment_apply_to_jobs_that_send_none(tiny_env, holde
         import schema
 
         schema.default_loras(Settings.from_env(tiny_env(LORAS='[{"path": "owner/name", "scale": 9}]')))
+
+
+def test_the_first_job_does_not_wait_for_the_lora_slots_to_compile(tiny_env, tmp_path, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled = dataclasses.replace(Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="2", MAX_LORA_RANK="8")),
+                                   model_dir=str(tmp_path))  # fmt: skip
+    service = EditService(compiled)
+    try:
+        with caplog.at_level(logging.INFO, logger="qwen_edit_worker"):
+            answer = run(compiled, None, job(seed=41), service=service)[0]
+            answered = len(caplog.records)
+            deadline = time.monotonic() + 120
+            while service.engine.slots_warming and time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        service.close()
+    assert "output_image_base64" in answer
+    before = [r.getMessage() for r in caplog.records[:answered]]
+    after = [r.getMessage() for r in caplog.records[answered:]]
+    assert any("warm-up edit took" in m for m in before)  # the base shape: compiled before the first job
+    assert not any("LoRA slots on" in m for m in before)
+    assert sum("LoRA slots on" in m for m in after) == 2  # then 1 and 2 active slots, while idle
+    assert any("cold start: LoRA slots compiled" in m for m in after)
