@@ -179,7 +179,7 @@ class LoraStore:
 
     def _from_hub(self, lora: LoraInput, subject: str) -> Path:
         """A repo's file: from RunPod's model cache or the Hugging Face cache, else downloaded."""
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
         from model_loader import find_in_caches  # here: model_loader imports this module's users
 
@@ -191,11 +191,18 @@ class LoraStore:
         found = find_in_caches(fetch, [RUNPOD_HF_CACHE, None], f"LoRA {lora.path}/{weight_name}")
         if found is not None:
             return Path(found)
+        unavailable = f"{subject} could not be downloaded from Hugging Face (no such repo or file, or access refused)."
+        try:  # the Hub says the size before any byte is sent: refuse a file that is too large then
+            size = get_hf_file_metadata(hf_hub_url(lora.path, weight_name)).size
+        except Exception:  # noqa: BLE001 - huggingface_hub's and its HTTP client's errors
+            raise InputError(unavailable) from None
+        if size is not None and size > self.settings.max_lora_bytes:
+            raise InputError(f"{subject} is larger than MAX_LORA_BYTES ({self.settings.max_lora_bytes} bytes).")
         try:
             path = Path(hf_hub_download(lora.path, weight_name, local_dir=self._tmp() / uuid.uuid4().hex))
         except Exception:  # noqa: BLE001 - huggingface_hub's and its HTTP client's errors
-            raise InputError(f"{subject} could not be downloaded from Hugging Face (no such repo or file, or access refused).") from None
-        if path.stat().st_size > self.settings.max_lora_bytes:
+            raise InputError(unavailable) from None
+        if path.stat().st_size > self.settings.max_lora_bytes:  # a Hub that said otherwise
             path.unlink()
             raise InputError(f"{subject} is larger than MAX_LORA_BYTES ({self.settings.max_lora_bytes} bytes).")
         final = self._tmp() / f"{uuid.uuid4().hex}.part"

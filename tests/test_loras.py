@@ -259,6 +259,42 @@ def test_a_repo_lora_is_found_in_runpods_model_cache_without_downloading(holder,
     assert unknown["error"].startswith("Input field 'loras[0].path' (acme/absent) could not be listed on Hugging Face")
 
 
+@pytest.fixture
+def hub(monkeypatch):
+    """A loopback Hub, where huggingface_hub's HF_ENDPOINT would point."""
+    import huggingface_hub.constants
+    from huggingface_hub import hf_api
+
+    from tests.hub_server import HubServer
+
+    stand_in = HubServer()
+    # What HF_ENDPOINT sets when huggingface_hub is imported (it was imported before this test).
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", stand_in.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", stand_in.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_api.api, "endpoint", stand_in.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    yield stand_in
+    stand_in.close()
+
+
+def test_a_repo_lora_is_downloaded_from_the_hub_once_and_a_too_large_one_never(holder, settings, hub):
+    lora = written(low_rank(holder.get().pipe, seed=13), "lightx2v")
+    hub.repos["acme/style"] = {"README.md": b"# style", "style-v2.safetensors": lora}
+    hub.repos["acme/huge"] = {"huge.safetensors": lora + b"\0" * (2 * 1024**2)}
+    small = dataclasses.replace(settings, max_lora_bytes=1024**2 + len(lora))
+    first, = run(small, holder, job([{"path": "acme/style", "scale": 0.5}], seed=14))
+    second, = run(small, holder, job([{"path": "acme/style", "scale": 0.5}], seed=14))
+    huge, missing = run(small, holder, job([{"path": "acme/huge"}]), job([{"path": "acme/style", "weight_name": "x.safetensors"}]))
+    assert "error" not in first, first
+    assert first["loras"][0]["sha256"] == __import__("hashlib").sha256(lora).hexdigest()
+    assert np.array_equal(pixels(first), pixels(second))
+    assert hub.downloads("acme/style") == 1  # the second job found it in the worker's cache
+    assert huge == {"error": f"Input field 'loras[0].path' (acme/huge) is larger than MAX_LORA_BYTES ({small.max_lora_bytes} bytes)."}
+    assert hub.downloads("acme/huge") == 0  # refused from its size, before any byte
+    assert missing["error"].startswith("Input field 'loras[0].path' (acme/style) could not be downloaded from Hugging Face")
+
+
 def test_a_compiled_worker_hot_swaps_loras_without_recompiling(tiny_env, tmp_path, server, holder, settings, monkeypatch):
     from torch._dynamo.utils import counters
 
