@@ -49,9 +49,28 @@ def restore(settings: Settings) -> threading.Thread | None:
     return thread
 
 
+_saving = threading.Lock()  # one save at a time: two would pack the same archive at once
+_saves: list[threading.Thread] = []
+
+
 def keep(settings: Settings) -> None:
-    """After the warm-up: mirror what was compiled onto the volume, in the background."""
+    """Mirror what is compiled so far onto the volume, in the background (after the warm-up,
+    and again once the LoRA slots' graphs are compiled)."""
     mirror = _mirror(settings)
-    if mirror is not None and mirror.available:
-        mirror.sync(background=True)
-        log.info("compile cache: saving to %s in the background", settings.compile_cache_mirror)
+    if mirror is None or not mirror.available:
+        return
+
+    def save():
+        with _saving:
+            mirror.sync(background=False)
+
+    thread = threading.Thread(target=save, name="compile-cache-save", daemon=True)
+    thread.start()
+    _saves.append(thread)
+    log.info("compile cache: saving to %s in the background", settings.compile_cache_mirror)
+
+
+def wait_for_saves(timeout_s: float = 60.0) -> None:
+    """Let the saves started so far finish (a process about to exit)."""
+    for thread in list(_saves):
+        thread.join(timeout_s)

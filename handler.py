@@ -15,6 +15,7 @@ import sys
 import runpod
 from runpod.serverless.modules.worker_state import IS_LOCAL_TEST
 
+import compile_cache
 import model_loader
 import prefetch
 import sdk_guards
@@ -137,6 +138,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the drain
     service = _get_service()
     service.close()
+    compile_cache.wait_for_saves(30)  # a worker stopped soon after its start still leaves its compile
     if service.batcher.failure is not None:
         _exit(1, f"qwen-edit-worker: stopped because {service.batcher.failure}")
     log.info("worker stopped (exit code %d)", exit_code)

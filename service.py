@@ -84,7 +84,7 @@ class EditService:
         model = self.holder.get()
         compilation.warm_up(model, self.engine.warm_up)
         startup_clock.mark("model loaded and warmed up")
-        if model.compiled and not model.lora_slots:  # with slots: once they are compiled too
+        if model.compiled:  # and again once the LoRA slots' graphs are compiled
             compile_cache.keep(self.settings)
         if self.default_loras:
             files = [self.lora_store.obtain(i, lora) for i, lora in enumerate(self.default_loras)]

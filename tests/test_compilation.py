@@ -81,12 +81,12 @@ import asyncio, dataclasses, json, sys
 from torch._dynamo.utils import counters
 from config import Settings
 from service import EditService
-import runpod.serverless.utils.rp_volume_cache as volume_cache
+import compile_cache
 settings = dataclasses.replace(Settings.from_env(), compile_cache_mirror=sys.argv[1])  # as if MODEL_DIR were on a volume
 service = EditService(settings)
 answer = asyncio.run(service.handle({"id": "j", "input": json.loads(sys.argv[2])}))
 service.close()
-volume_cache._join_pending_syncs()  # the background save, as the worker's exit would
+compile_cache.wait_for_saves()  # the background save
 print("RESULT " + json.dumps({"image": answer.get("output_image_base64"), "error": answer.get("error"),
                               "hits": counters["inductor"]["fxgraph_cache_hit"]}))
 """
