@@ -316,12 +316,22 @@ def _apply_memory_options(pipe, settings: Settings) -> None:
         log.info("VAE slicing on")
 
 
+def fp8_config():
+    """torchao's float8 weights with dynamic per-row float8 activations. `set_inductor_config`
+    off: torchao's default turns on inductor's coordinate-descent tuning for the whole process,
+    which benchmarks every Triton kernel's configurations while compiling; one transformer
+    block's graph then took 228 s to compile instead of 13 (BENCHMARKS.md)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+
+
 def _quantize_fp8(pipe) -> None:
     """float8 weights and dynamic per-row float8 activations for the transformer (torchao)."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.quantization import quantize_
 
     with _timed("quantizing the transformer to fp8 (torchao, per-row dynamic)"):
-        quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        quantize_(pipe.transformer, fp8_config())
 
 
 def load_model(settings: Settings) -> LoadedModel:
