@@ -1,6 +1,7 @@
 """The worker against the stock diffusers pipeline at real size, on one GPU, in one run.
 
     python3 benchmarks/gpu_speed.py --scenarios lightning1024,batch512,cfg1024 --out $OUT
+    python3 benchmarks/gpu_speed.py --profile bf16,fp8 --out $OUT     # where a forward's time goes
 
 Builds Qwen-Image-Edit-2509 at real size with random weights (transformer 20.4B,
 Qwen2.5-VL-7B-shaped text encoder, VAE) on the GPU: timing does not depend on the
@@ -260,7 +261,12 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--tiny", action="store_true", help="smoke-test this script on CPU with the tiny model")
     parser.add_argument("--warm-passes", type=int, default=2, help="untimed passes over the jobs before B is timed")
+    parser.add_argument("--profile", help="instead: profile one compiled forward per precision (bf16,fp8; in that order)")
+    parser.add_argument("--profile-text", type=int, default=200, help="prompt tokens of the profiled forward")
     args = parser.parse_args()
+    if args.profile:
+        profile_forwards(args.profile.split(","), args.profile_text, args.tiny, args.out)
+        return
     global WARM_PASSES
     WARM_PASSES = args.warm_passes
     scenarios = args.scenarios.split(",")
@@ -339,6 +345,29 @@ def main() -> None:
             st, passes = r["stage_ms"], r["steps"] * (2 if SCENARIOS[r["scenario"]][3] > 1 else 1)
             print(f"| {r['scenario']} | {r['variant']} | {st['encode']:.0f} | {st['denoise']:.0f} | "
                   f"{st['denoise'] / passes:.0f} | {st['decode']:.0f} |")  # fmt: skip
+
+
+def profile_forwards(precisions: list[str], text: int, tiny: bool, out: str) -> None:
+    """Where a compiled forward's time goes (`forward_profile`), for each precision in turn."""
+    import forward_profile
+
+    if precisions != sorted(precisions, key=lambda p: p == "fp8") or not set(precisions) <= {"bf16", "fp8"}:
+        raise SystemExit("--profile takes bf16, fp8 or bf16,fp8 (fp8 changes the pipeline for good)")
+    if tiny:
+        from tiny_model import build_tiny_pipeline
+
+        pipe, side = build_tiny_pipeline(), 4
+    else:
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
+        pipe, side = build_pipeline(), 64  # 1024² output and reference: 64 × 64 latent patches each
+    pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    summaries = {}
+    for precision in precisions:
+        if precision == "fp8":
+            quantize_fp8(pipe)
+        summaries[precision] = forward_profile.profile(pipe.transformer, side_patches=side, text=text)
+        print(forward_profile.markdown(f"{precision} compiled forward", summaries[precision]), flush=True)
+    (Path(out) / "forward_profile.json").write_text(json.dumps(summaries, indent=1))
 
 
 if __name__ == "__main__":

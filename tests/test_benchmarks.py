@@ -34,3 +34,31 @@ def test_gpu_speed_refuses_an_order_that_would_mislabel_variants():
     )  # fmt: skip
     assert run.returncode == 2
     assert "list variants in this order" in run.stderr
+
+
+def test_profile_mode_splits_a_forward_into_kinds_and_rates(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--tiny", "--profile", "bf16", "--profile-text", "7",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((tmp_path / "forward_profile.json").read_text())["bf16"]
+    assert summary["ms"]["matmul"] > 0 and summary["ms"]["attention"] > 0
+    assert abs(sum(summary["ms"].values()) - summary["ms_per_forward"]) < 1e-6
+    assert summary["tflops"]["matmul"] > 0 and summary["tokens"] == 2 * 4 * 4 + 7
+    assert "| matmul |" in run.stdout and "| top kernel | kind | ms per forward |" in run.stdout
+
+
+def test_kernels_are_classified_by_name():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from forward_profile import classify
+
+    assert classify("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128") == "attention"
+    assert classify("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>") == "attention"
+    assert classify("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNT") == "matmul"
+    assert classify("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128") == "matmul"
+    assert classify("triton_red_fused_abs_amax_clamp_0") == "quantization"
+    assert classify("triton_poi_fused__to_copy_clamp_div_mul_reciprocal_float8") == "quantization"
+    assert classify("triton_poi_fused_add_cat_mul_rsqrt_view_as_complex_2") == "other"
+    assert classify("aten::addmm") == "matmul" and classify("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
