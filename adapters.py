@@ -8,10 +8,11 @@ Two ways, chosen at load:
   are hot-swapped into the first k slots (`load_lora_weights(..., hotswap=True)` copies
   weights in place, the job's scale folded into the up-projection, padded on the GPU) and
   only those k slots are active, so a job pays for the LoRAs it brings, not for every slot;
-  a batch without LoRAs disables them all. Each of those `MAX_LORAS + 1` states is compiled
-  once at the warm-up (`use_slots`); after it, nothing recompiles (measured on an H200:
-  `BENCHMARKS.md`). Converted LoRAs are kept in CPU memory, the `MAX_LOADED_LORAS` most
-  recently used.
+  a batch without LoRAs disables them all. Each of those `MAX_LORAS + 1` states (`use_slots`)
+  is compiled once: none active at the start-up warm-up, the others while the GPU is idle
+  after it (or by the first job that needs one); then nothing recompiles (measured on an
+  H200: `BENCHMARKS.md`). Converted LoRAs are kept in CPU memory, the `MAX_LOADED_LORAS`
+  most recently used.
 - **Named adapters, eager** (quantized or offloaded models, CPU): each file is loaded once,
   as adapter `user_<sha256 prefix>`, and kept until `MAX_LOADED_LORAS` others were used more
   recently; a batch activates its adapters at their scales with `set_adapters`.
