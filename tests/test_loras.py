@@ -380,9 +380,21 @@ def test_the_first_job_does_not_wait_for_the_lora_slots_to_compile(tiny_env, tmp
     import logging
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    from engine import EditEngine
+
     compiled = dataclasses.replace(Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="2", MAX_LORA_RANK="8")),
                                    model_dir=str(tmp_path))  # fmt: skip
+    services, warm_up = [], EditEngine.warm_up
+
+    def warm_up_once_a_job_waits(engine):  # however fast the warm-up, the job is queued behind it
+        deadline = time.monotonic() + 60
+        while not (services and services[0].batcher.queued) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        warm_up(engine)
+
+    monkeypatch.setattr(EditEngine, "warm_up", warm_up_once_a_job_waits)
     service = EditService(compiled)
+    services.append(service)
     try:
         with caplog.at_level(logging.INFO, logger="qwen_edit_worker"):
             answer = run(compiled, None, job(seed=41), service=service)[0]
