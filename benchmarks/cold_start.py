@@ -1,6 +1,6 @@
 """A new worker's cold start at real size: each stage's end, and the raw read of the same files.
 
-    python3 benchmarks/cold_start.py --dir /tmp/cold --runs bf16/empty/3,bf16/warm/3,fp8/empty/0
+    python3 benchmarks/cold_start.py --dir /tmp/cold --runs bf16/empty/3,bf16/warm/3,fp8/empty/0 [--importtime]
 
 Once per --dir: builds the real-size pipeline with random weights (`gpu_speed.build_pipeline`),
 saves it with `save_pretrained` (what a downloaded model is on disk), and writes a rank-64
@@ -13,7 +13,8 @@ the page cache again and starts a fresh process that does what a worker does: im
 `EditService` (which loads the model, fuses Lightning, compiles and warms up), then answers
 one 1024² Lightning-8 edit. The child prints the worker's own start-up log lines with the
 seconds since its process started, and the time to the first result. The last lines are a
-markdown table.
+markdown table. With --importtime each child runs under `python -X importtime` and the
+slowest imports (cumulative, by top-level package) are printed with its result.
 """
 
 from __future__ import annotations
@@ -130,10 +131,24 @@ def child() -> None:
     os._exit(0)
 
 
+def slowest_imports(importtime_log: str, top: int = 12) -> list[tuple[str, float]]:
+    """Packages by the cumulative time of their first import (what they pulled in included, so
+    the figures overlap), from `python -X importtime`'s lines."""
+    totals = []
+    for line in importtime_log.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        _, cumulative, name = line[len("import time:"):].split("|")
+        if "." not in name.strip():
+            totals.append((name.strip(), round(int(cumulative) / 1e6, 2)))
+    return sorted(totals, key=lambda item: -item[1])[:top]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", required=True)
     parser.add_argument("--runs", default="bf16/empty/3,bf16/warm/3", help="PRECISION/CACHE/MAX_LORAS, comma-separated")
+    parser.add_argument("--importtime", action="store_true", help="report each start's slowest imports")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -154,8 +169,11 @@ def main() -> None:
         drop_page_cache(files)
         env = {**os.environ, "MODEL_ID": str(folder / "model"), "MODEL_DIR": str(folder / "volume"),
                "PRECISION_MODE": precision, "MAX_LORAS": max_loras, "MAX_BATCH_SIZE": "1"}  # fmt: skip
-        done = subprocess.run([sys.executable, __file__, "--dir", args.dir, "--child"], env=env, capture_output=True,
+        python = [sys.executable, "-X", "importtime"] if args.importtime else [sys.executable]
+        done = subprocess.run([*python, __file__, "--dir", args.dir, "--child"], env=env, capture_output=True,
                               text=True, timeout=560)  # fmt: skip
+        if args.importtime:
+            print(json.dumps({"run": run, "slowest_imports_s": slowest_imports(done.stderr)}), flush=True)
         lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if not lines:
             print(json.dumps({"run": run, "failed": done.stderr[-2000:]}), flush=True)

@@ -395,15 +395,15 @@ def test_the_first_job_does_not_wait_for_the_lora_slots_to_compile(tiny_env, tmp
     monkeypatch.setattr(EditEngine, "warm_up", warm_up_once_a_job_waits)
     service = EditService(compiled)
     services.append(service)
-    try:
-        with caplog.at_level(logging.INFO, logger="qwen_edit_worker"):
+    with caplog.at_level(logging.INFO, logger="qwen_edit_worker"):
+        try:
             answer = run(compiled, None, job(seed=41), service=service)[0]
             answered = len(caplog.records)
             deadline = time.monotonic() + 120
             while service.engine.slots_warming and time.monotonic() < deadline:
                 time.sleep(0.1)
-    finally:
-        service.close()
+        finally:
+            service.close()  # lets the idle step that is running finish, and log, first
     assert "output_image_base64" in answer
     before = [r.getMessage() for r in caplog.records[:answered]]
     after = [r.getMessage() for r in caplog.records[answered:]]
