@@ -315,7 +315,10 @@ def test_idle_work_runs_a_step_at_a_time_and_only_while_no_request_waits():
         job = batcher.submit(Job("job"))
         release.set()
         await job  # after the step already running, before any other
-        await asyncio.sleep(0.3)
+        for _ in range(500):  # the remaining steps, while nothing is queued
+            if "idle3" in order:
+                break
+            await asyncio.sleep(0.01)
 
     run(scenario())
     batcher.close()
@@ -333,7 +336,10 @@ def test_idle_work_that_fails_stops_and_requests_are_still_served():
                       adaptive=False, on_idle=idle)  # fmt: skip
 
     async def scenario():
-        await asyncio.sleep(0.2)
+        for _ in range(500):  # the idle step runs (and fails) while nothing is queued
+            if calls:
+                break
+            await asyncio.sleep(0.01)
         return await batcher.submit(Job("job"))
 
     assert run(scenario()) == "ok"
