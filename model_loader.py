@@ -118,27 +118,28 @@ def resolve_model_path(settings: Settings) -> str:
 
         with _timed("building the tiny random model"):
             return str(ensure_tiny_model(settings.model_dir) / "pipeline")
-    found = local_model_path(settings)  # a pipeline saved on disk, or found in a cache
-    if found is not None:
-        return found
-    from huggingface_hub import snapshot_download
-
-    with _timed(f"downloading {settings.model_id} into {settings.model_dir}"):
-        return snapshot_download(settings.model_id, cache_dir=settings.model_dir)
+    return _saved_pipeline(settings) or _from_caches(_model_snapshot(settings), _cache_dirs(settings), settings.model_id)
 
 
 def local_model_path(settings: Settings) -> str | None:
     """The model's directory if it is on disk already (nothing is downloaded); None otherwise."""
     if settings.is_tiny:
         return None
-    if Path(settings.model_id, "model_index.json").is_file():
-        return settings.model_id
+    return _saved_pipeline(settings) or find_in_caches(_model_snapshot(settings), _cache_dirs(settings), settings.model_id)
+
+
+def _saved_pipeline(settings: Settings) -> str | None:
+    """MODEL_ID itself, when it names a directory holding a pipeline saved by diffusers."""
+    return settings.model_id if Path(settings.model_id, "model_index.json").is_file() else None
+
+
+def _model_snapshot(settings: Settings):
     from huggingface_hub import snapshot_download
 
     def fetch(**kwargs):
         return snapshot_download(settings.model_id, **kwargs)
 
-    return find_in_caches(fetch, _cache_dirs(settings), settings.model_id)
+    return fetch
 
 
 def resolve_lora_path(settings: Settings) -> str:
