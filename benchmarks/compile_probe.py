@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def case(blocks: int, mode: str) -> dict:
@@ -33,6 +34,7 @@ def case(blocks: int, mode: str) -> dict:
     from torch._dynamo.utils import counters
 
     from adapters import prepare_slots
+    from forward_profile import forward_inputs
     from model_loader import _quantize_fp8
 
     reasons: list[str] = []
@@ -56,19 +58,14 @@ def case(blocks: int, mode: str) -> dict:
         prepare_slots(pipe, 1, 64)
         pipe.enable_lora()
     transformer.compile_repeated_blocks(fullgraph=True)
-    side = 64  # latent patches per side at 1024²
-    images = torch.randn(1, 2 * side * side, 64, device="cuda", dtype=torch.bfloat16)
     times, graphs = [], []
     for text in (200, 230, 180):
         before = counters["stats"]["unique_graphs"]
-        prompt = torch.randn(1, text, 3584, device="cuda", dtype=torch.bfloat16)
+        inputs = forward_inputs(transformer, 64, text, torch.device("cuda"), torch.bfloat16)  # 1024²: 64² patches
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.inference_mode():
-            transformer(hidden_states=images, encoder_hidden_states=prompt,
-                        encoder_hidden_states_mask=torch.ones(1, text, dtype=torch.bool, device="cuda"),
-                        timestep=torch.tensor([0.5], device="cuda"), img_shapes=[[(1, side, side), (1, side, side)]],
-                        return_dict=False)  # fmt: skip
+            transformer(**inputs)
         torch.cuda.synchronize()
         times.append(round(time.perf_counter() - start, 2))
         graphs.append(counters["stats"]["unique_graphs"] - before)
