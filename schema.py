@@ -83,7 +83,7 @@ class LoraInput(BaseModel):
     @field_validator("path")
     @classmethod
     def _url_or_repo(cls, value: str) -> str:
-        if value[:8].lower().startswith(("http://", "https://")):
+        if _is_url(value):
             if not value.split("?", 1)[0].lower().endswith(".safetensors"):
                 raise ValueError("not a .safetensors URL")
         elif not REPO_ID.fullmatch(value):
@@ -99,7 +99,11 @@ class LoraInput(BaseModel):
 
     @property
     def is_url(self) -> bool:
-        return self.path[:8].lower().startswith(("http://", "https://"))
+        return _is_url(self.path)
+
+
+def _is_url(path: str) -> bool:
+    return path[:8].lower().startswith(("http://", "https://"))
 
 
 class EditInput(BaseModel):
