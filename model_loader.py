@@ -21,6 +21,8 @@ from typing import Iterator
 import torch
 
 import compile_cache
+import fp8
+import rope_attention
 from compilation import compile_transformer, should_compile
 from config import Settings
 from devices import check_precision_supported, resolve_device_and_dtype
@@ -317,24 +319,6 @@ def _apply_memory_options(pipe, settings: Settings) -> None:
         log.info("VAE slicing on")
 
 
-def fp8_config():
-    """torchao's float8 weights with dynamic per-row float8 activations. `set_inductor_config`
-    off: torchao's default turns on inductor's coordinate-descent tuning for the whole process,
-    which benchmarks every Triton kernel's configurations while compiling; one transformer
-    block's graph then took 228 s to compile instead of 13 (BENCHMARKS.md)."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
-
-    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
-
-
-def _quantize_fp8(pipe) -> None:
-    """float8 weights and dynamic per-row float8 activations for the transformer (torchao)."""
-    from torchao.quantization import quantize_
-
-    with _timed("quantizing the transformer to fp8 (torchao, per-row dynamic)"):
-        quantize_(pipe.transformer, fp8_config())
-
-
 def load_model(settings: Settings) -> LoadedModel:
     device, dtype = resolve_device_and_dtype(settings)
     check_precision_supported(settings, device)
@@ -353,8 +337,9 @@ def load_model(settings: Settings) -> LoadedModel:
     if settings.use_lightning_lora:
         _load_lightning(pipe, settings, bnb_quantized)
     _place(pipe, offload, device, bnb_quantized)
+    rope_attention.install(pipe.transformer)
     if settings.precision_mode == "fp8":
-        _quantize_fp8(pipe)
+        fp8.quantize(pipe.transformer)
     _apply_memory_options(pipe, settings)
     compiled = should_compile(settings, device, bnb_quantized, offload)
     slots: tuple[str, ...] = ()

@@ -153,6 +153,7 @@ class EditService:
             plan = self.engine.plan(request)
             outputs.check_fits(request.num_images, plan.width, plan.height, params.output_format, self.settings)
             await asyncio.to_thread(self._check_text_fits, request, plan)
+            request = self.engine.encode_ahead(request)
             result = await self.batcher.submit(request, size=request.num_images)
             finished = time.perf_counter()
             response = await asyncio.to_thread(self._respond, job, request, params, result)

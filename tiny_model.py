@@ -55,6 +55,11 @@ def ensure_tiny_model(directory: str | os.PathLike) -> Path:
     return root
 
 
+# The tiny transformer: Qwen-Image's architecture at 2 blocks of 2 heads of 16 channels.
+TINY_TRANSFORMER = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))  # fmt: skip
+
+
 def build_tiny_pipeline():
     from diffusers import (
         AutoencoderKLQwenImage,
@@ -69,17 +74,7 @@ def build_tiny_pipeline():
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
 
     torch.manual_seed(0)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=16,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        guidance_embeds=False,
-        axes_dims_rope=(8, 4, 4),
-    )
+    transformer = QwenImageTransformer2DModel(**TINY_TRANSFORMER)
     z_dim = 4
     vae = AutoencoderKLQwenImage(
         base_dim=z_dim * 2,

@@ -35,7 +35,7 @@ def case(blocks: int, mode: str) -> dict:
 
     from adapters import prepare_slots
     from forward_profile import forward_inputs
-    from model_loader import _quantize_fp8
+    import fp8
 
     reasons: list[str] = []
 
@@ -53,7 +53,7 @@ def case(blocks: int, mode: str) -> dict:
     pipe = QwenImageEditPlusPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, processor=None,
                                      transformer=transformer)  # fmt: skip
     if mode.startswith("fp8"):
-        _quantize_fp8(pipe)
+        fp8.quantize(transformer)
     if mode.endswith("+slot"):
         prepare_slots(pipe, 1, 64)
         pipe.enable_lora()

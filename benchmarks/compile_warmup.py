@@ -31,7 +31,8 @@ from config import Settings  # noqa: E402
 from engine import EditEngine, EditRequest  # noqa: E402
 from gpu_speed import build_pipeline  # noqa: E402
 from compilation import compile_transformer, should_compile  # noqa: E402
-from model_loader import LoadedModel, _quantize_fp8  # noqa: E402
+import fp8  # noqa: E402
+from model_loader import LoadedModel  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
                                   "PRECISION_MODE": "fp8" if args.fp8 else "bf16"})  # fmt: skip
     pipe = build_pipeline()
     if args.fp8:
-        _quantize_fp8(pipe)
+        fp8.quantize(pipe.transformer)
     device = torch.device("cuda")
     compiled = should_compile(settings, device, bnb_quantized=False, offload="none")
     if compiled:

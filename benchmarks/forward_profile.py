@@ -33,8 +33,14 @@ _QUANT = re.compile(r"amax.*(clamp|fp8|float8|to_copy|div)|(abs|clamp).*amax|flo
 
 
 def classify(kernel: str) -> str:
-    """The kind of one kernel (or, on a CPU, one aten operator), from its name."""
+    """The kind of one kernel (or, on a CPU, one aten operator), from its name. Inductor names a
+    fused Triton kernel after every op it absorbed, the consumer included (a quantization pass
+    feeding `_scaled_mm`, a layout copy feeding attention): only its templates are GEMMs."""
     name = kernel.replace("aten::", " ")
+    if name.startswith("triton_"):
+        if name.startswith("triton_tem_"):
+            return "matmul"
+        return "quantization" if _QUANT.search(name) else "other"
     if _ATTENTION.search(name):
         return "attention"
     if _QUANT.search(name) and not _MATMUL.search(name):
@@ -80,7 +86,7 @@ def forward_inputs(transformer, side_patches: int, text: int, device: torch.devi
     images = torch.randn(1, 2 * side_patches**2, config.in_channels, device=device, dtype=dtype)
     return {"hidden_states": images,
             "encoder_hidden_states": torch.randn(1, text, config.joint_attention_dim, device=device, dtype=dtype),
-            "encoder_hidden_states_mask": torch.ones(1, text, dtype=torch.bool, device=device),
+            "encoder_hidden_states_mask": None,  # as the engine passes unpadded text: no mask
             "timestep": torch.tensor([0.5], device=device, dtype=dtype),
             "img_shapes": [[(1, side_patches, side_patches), (1, side_patches, side_patches)]],
             "return_dict": False}  # fmt: skip

@@ -40,12 +40,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import fp8  # noqa: E402
+import rope_attention  # noqa: E402
 from config import Settings  # noqa: E402
 from engine import EditEngine, EditRequest  # noqa: E402
 from images import encode_image, load_images  # noqa: E402
 from model_loader import LIGHTNING_SCHEDULER_CONFIG, LoadedModel  # noqa: E402
-from model_loader import _quantize_fp8 as quantize_fp8  # noqa: E402
 from service import EditService  # noqa: E402
+from tiny_model import TINY_TRANSFORMER, build_tiny_pipeline  # noqa: E402
 
 # Qwen-Image-Edit's own scheduler configuration (used without Lightning).
 BASE_SCHEDULER_CONFIG = {
@@ -261,9 +263,13 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--tiny", action="store_true", help="smoke-test this script on CPU with the tiny model")
     parser.add_argument("--warm-passes", type=int, default=2, help="untimed passes over the jobs before B is timed")
-    parser.add_argument("--profile", help="instead: profile one compiled forward per precision (bf16,fp8; in that order)")
+    parser.add_argument("--profile", help=f"instead: profile one compiled forward per variant ({', '.join(PROFILE_VARIANTS)})")
     parser.add_argument("--profile-text", type=int, default=200, help="prompt tokens of the profiled forward")
+    parser.add_argument("--stages", type=int, help="instead: cProfile the encode and decode stages over this many jobs")
     args = parser.parse_args()
+    if args.stages:
+        profile_stages(args.stages, args.tiny, args.out)
+        return
     if args.profile:
         profile_forwards(args.profile.split(","), args.profile_text, args.tiny, args.out)
         return
@@ -298,12 +304,14 @@ def main() -> None:
         print(f"quantized to NF4: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
     base_env = {"MODEL_ID": "tiny-random" if args.tiny else "real-size-random", "MAX_BATCH_SIZE": "8", "MAX_CONCURRENCY": "16", "BATCH_WAIT_MS": "50"}
     rows, reference_images = [], {}
-    compiled = fp8 = False
+    compiled = quantized = False
     for variant in ["stock", *variants]:
-        if variant.startswith("fp8") and not fp8:
-            quantize_fp8(pipe)  # the production loader's own fp8 step
+        if variant != "stock":
+            rope_attention.install(pipe.transformer)  # the loader's step (once); A keeps diffusers' processor
+        if variant.startswith("fp8") and not quantized:
+            fp8.quantize(pipe.transformer)  # the production loader's own fp8 step
             print(f"transformer in fp8: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
-            fp8 = True
+            quantized = True
         if variant.startswith(("compiled", "cfgbatch", "fp8")) and not compiled:
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
             compiled = True
@@ -347,27 +355,112 @@ def main() -> None:
                   f"{st['denoise'] / passes:.0f} | {st['decode']:.0f} |")  # fmt: skip
 
 
-def profile_forwards(precisions: list[str], text: int, tiny: bool, out: str) -> None:
-    """Where a compiled forward's time goes (`forward_profile`), for each precision in turn."""
+# --profile variants: (linears of the blocks kept in bf16, or None for no fp8; real-valued RoPE).
+PROFILE_VARIANTS = {
+    "bf16-complex": (None, False),  # diffusers' own attention processor (complex-number RoPE)
+    "bf16": (None, True),  # what the worker runs
+    "fp8-all": ((), True),  # every linear of the blocks in fp8 (the worker before the recipe)
+    "fp8": (fp8.KEPT_IN_BF16, True),  # the recipe, what the worker runs
+    "fp8+mod": ((".img_mlp.net.2",), True),  # the recipe with the modulation layers in fp8 too
+    "fp8+mlp2": ((".img_mod.1", ".txt_mod.1"), True),  # the recipe with img_mlp.net.2 in fp8 too
+}
+
+
+def profile_forwards(variants: list[str], text: int, tiny: bool, out: str) -> None:
+    """Where a compiled forward's time goes (`forward_profile`), for each variant in turn, each
+    on a fresh transformer with the same random weights; the relative error of its output
+    against the eager bf16 forward of diffusers' own transformer on the same inputs."""
     import forward_profile
 
-    if precisions != sorted(precisions, key=lambda p: p == "fp8") or not set(precisions) <= {"bf16", "fp8"}:
-        raise SystemExit("--profile takes bf16, fp8 or bf16,fp8 (fp8 changes the pipeline for good)")
-    if tiny:
-        from tiny_model import build_tiny_pipeline
-
-        pipe, side = build_tiny_pipeline(), 4
-    else:
+    unknown = set(variants) - set(PROFILE_VARIANTS)
+    if unknown:
+        raise SystemExit(f"--profile takes {', '.join(PROFILE_VARIANTS)}; not {', '.join(sorted(unknown))}")
+    device = torch.device("cpu" if tiny else "cuda")
+    dtype, side = (torch.float32, 4) if tiny else (torch.bfloat16, 64)  # 64² patches: 1024² output and reference
+    if not tiny:
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-        pipe, side = build_pipeline(), 64  # 1024² output and reference: 64 × 64 latent patches each
-    pipe.transformer.compile_repeated_blocks(fullgraph=True)
+
+    def fresh():
+        from diffusers import QwenImageTransformer2DModel
+
+        torch.manual_seed(0)
+        with torch.device(device):
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                return (QwenImageTransformer2DModel(**TINY_TRANSFORMER) if tiny else QwenImageTransformer2DModel()).eval()
+            finally:
+                torch.set_default_dtype(previous)
+
+    transformer = fresh()
+    inputs = forward_profile.forward_inputs(transformer, side, text, device, dtype)
+    with torch.inference_mode():
+        reference = transformer(**inputs)[0].float().cpu()
     summaries = {}
-    for precision in precisions:
-        if precision == "fp8":
-            quantize_fp8(pipe)
-        summaries[precision] = forward_profile.profile(pipe.transformer, side_patches=side, text=text)
-        print(forward_profile.markdown(f"{precision} compiled forward", summaries[precision]), flush=True)
-    (Path(out) / "forward_profile.json").write_text(json.dumps(summaries, indent=1))
+    for variant in variants:
+        kept, real_rope = PROFILE_VARIANTS[variant]
+        del transformer
+        torch._dynamo.reset()
+        if not tiny:
+            torch.cuda.empty_cache()
+        transformer = fresh()
+        if real_rope:
+            rope_attention.install(transformer)
+        if kept is not None:
+            fp8.quantize(transformer, kept)
+        transformer.compile_repeated_blocks(fullgraph=True)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = transformer(**inputs)[0].float().cpu()
+        compile_s = time.perf_counter() - start
+        summary = forward_profile.profile(transformer, side_patches=side, text=text)
+        summary.update(compile_s=compile_s, rel_error=float((output - reference).norm() / reference.norm()))
+        summaries[variant] = summary
+        print(forward_profile.markdown(f"{variant} compiled forward", summary), flush=True)
+        print(f"first forward (compile) {compile_s:.1f} s; output vs eager bf16: relative error {summary['rel_error']:.2e}", flush=True)
+        (Path(out) / "forward_profile.json").write_text(json.dumps(summaries, indent=1))
+    print("\n| variant | ms of kernels per forward | matmul | attention | quantization | other | compile s | rel. error |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for variant, s in summaries.items():
+        ms = s["ms"]
+        print(f"| {variant} | {s['ms_per_forward']:.1f} | {ms['matmul']:.1f} | {ms['attention']:.1f} | "
+              f"{ms['quantization']:.1f} | {ms['other']:.1f} | {s['compile_s']:.0f} | {s['rel_error']:.1e} |")  # fmt: skip
+
+
+def profile_stages(jobs: int, tiny: bool, out: str) -> None:
+    """Where the encode and decode stages of one 1024² job go, host side: cProfile over the
+    engine's own `_encode` and `_decode` (the GPU waited for at the end of each), after a
+    warm-up job; the 30 functions with the most cumulative time, per stage."""
+    import cProfile
+    import pstats
+
+    pipe = build_tiny_pipeline() if tiny else build_pipeline()
+    settings = Settings.from_env({"MODEL_ID": "tiny-random" if tiny else "real-size-random"})
+    device = torch.device("cpu" if tiny else "cuda")
+    model = LoadedModel(pipe, device, torch.float32 if tiny else torch.bfloat16, "bf16", True, "none")
+    engine = EditEngine(settings, lambda: model)
+    side = 64 if tiny else 1024
+    requests = [EditRequest(prompt=PROMPTS[k % len(PROMPTS)], images=(load_images([input_png(side, k)], settings)[0],),
+                            seed=k, num_inference_steps=1, true_cfg_scale=1.0, width=side, height=side)
+                for k in range(jobs + 1)]  # fmt: skip
+    engine.run_batch(requests[:1])  # warm-up: first calls, caches
+    for stage in ("encode", "decode"):
+        profiler = cProfile.Profile()
+        with torch.inference_mode():
+            plan = engine.plan(requests[1])
+            latents = pipe.prepare_latents(None, 1, pipe.transformer.config.in_channels // 4, plan.height, plan.width,
+                                           torch.bfloat16, device, torch.Generator().manual_seed(0))[0]  # fmt: skip
+            start = time.perf_counter()
+            for request in requests[1:]:
+                profiler.enable()
+                engine._encode(pipe, request, plan, device) if stage == "encode" else engine._decode(pipe, latents, plan)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                profiler.disable()
+        print(f"\n{stage}: {(time.perf_counter() - start) / jobs * 1000:.0f} ms per job (host view, GPU waited for)", flush=True)
+        stats = pstats.Stats(profiler).strip_dirs().sort_stats("cumulative")
+        stats.print_stats(30)
+        stats.dump_stats(str(Path(out) / f"{stage}.pstats"))
 
 
 if __name__ == "__main__":

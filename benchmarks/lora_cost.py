@@ -37,10 +37,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from adapters import prepare_slots  # noqa: E402
+import fp8  # noqa: E402
 from config import Settings  # noqa: E402
 from gpu_speed import Preloaded, build_pipeline, input_png  # noqa: E402
 from model_loader import LoadedModel  # noqa: E402
-from model_loader import _quantize_fp8 as quantize_fp8  # noqa: E402
 from service import EditService  # noqa: E402
 from tiny_model import lightning_format_lora  # noqa: E402
 
@@ -76,7 +76,7 @@ def main() -> None:
     settings = Settings.from_env({"MODEL_ID": "real-size-random", "MODEL_DIR": tempfile.mkdtemp(), "MAX_LORAS": str(args.slots),
                                   "ALLOW_PRIVATE_IMAGE_URLS": "true", "MAX_BATCH_SIZE": "1"})  # fmt: skip
     if args.fp8:
-        quantize_fp8(pipe)
+        fp8.quantize(pipe.transformer)
     start = time.perf_counter()
     slots = prepare_slots(pipe, args.slots, settings.max_lora_rank)
     print(f"prepared {args.slots} slots in {time.perf_counter() - start:.1f} s", flush=True)

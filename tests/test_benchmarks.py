@@ -61,4 +61,8 @@ def test_kernels_are_classified_by_name():
     assert classify("triton_red_fused_abs_amax_clamp_0") == "quantization"
     assert classify("triton_poi_fused__to_copy_clamp_div_mul_reciprocal_float8") == "quantization"
     assert classify("triton_poi_fused_add_cat_mul_rsqrt_view_as_complex_2") == "other"
+    # Seen on an H100: inductor names a fused kernel after its consumer too.
+    assert classify("triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_gelu_t_unsqueeze_view_16") == "quantization"
+    assert classify("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_cat_ones_permute") == "other"
+    assert classify("triton_tem_fused_addmm_0") == "matmul"
     assert classify("aten::addmm") == "matmul" and classify("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"

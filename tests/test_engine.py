@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as stock_module
 import numpy as np
 import pytest
@@ -209,3 +211,58 @@ def test_a_sliver_of_an_image_is_edited(engine):
     result = engine.run_batch([request(images=(random_image(24, 2400, seed=6),), width=None, height=None,
                                        num_inference_steps=1)])[0]  # fmt: skip
     assert (result.width, result.height) == (64, 640) and np.isfinite(result.images[0]).all()
+
+
+def _encoding_threads(monkeypatch, pipe) -> list[str]:
+    names: list[str] = []
+    original = pipe.encode_prompt
+
+    def recorded(*args, **kwargs):
+        names.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "encode_prompt", recorded)
+    return names
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0], ids=["no-cfg", "cfg"])
+def test_prompts_encoded_ahead_give_the_same_pixels_off_the_gpu_thread(engine, base_holder, monkeypatch, cfg):
+    threads = _encoding_threads(monkeypatch, base_holder.get().pipe)
+    edit = request(cfg=cfg, negative_prompt="blurry")
+    inline = engine.run_batch([edit])[0].images[0]
+    assert threads == ["MainThread"] * (2 if cfg > 1 else 1)
+    ahead = engine.encode_ahead(edit)
+    assert ahead.prompts is not None and ahead == edit  # the same request as far as batching goes
+    ahead.prompts.result(30)
+    assert all(name.startswith("prompt-encoder") for name in threads[len(threads) // 2 :])
+    threads.clear()
+    assert np.array_equal(engine.run_batch([ahead])[0].images[0], inline)
+    assert threads == []  # the batch used the embeddings made ahead
+
+
+def test_a_service_job_has_its_prompt_encoded_ahead(tiny_settings, base_holder, monkeypatch):
+    import asyncio
+
+    from service import EditService
+    from tests.test_handler import SAMPLE
+
+    threads = _encoding_threads(monkeypatch, base_holder.get().pipe)
+
+    async def scenario():
+        service = EditService(tiny_settings, holder=base_holder)
+        answer = await service.handle({"id": "j", "input": {"prompt": "x", "image_base64": SAMPLE, "num_inference_steps": 1}})
+        service.batcher.close(5)
+        return answer
+
+    assert "output_image_base64" in asyncio.run(scenario())
+    assert threads and all(name.startswith("prompt-encoder") for name in threads)
+
+
+def test_offloaded_models_encode_on_the_gpu_thread(tiny_settings, base_holder):
+    import dataclasses
+
+    from engine import EditEngine
+
+    offloaded = dataclasses.replace(base_holder.get(), offload="model")
+    edit = request()
+    assert EditEngine(tiny_settings, lambda: offloaded).encode_ahead(edit).prompts is None

@@ -1,0 +1,63 @@
+"""Work that runs beside the GPU thread: its own thread and, on a GPU, its own CUDA stream.
+
+The text encoder's forward is host-bound at real size: about 130 ms of a job's 223 ms encode
+stage on an H200, most of it Python and launch overhead of the vision tower's per-window
+attention calls and the 28 decoder layers, while the GPU does little (`gpu_speed.py --stages`).
+Run on the GPU thread, that time is lost to the transformer. Run here, as soon as a job is
+accepted, it overlaps with the transformer of the jobs ahead of it.
+
+Results cross streams safely: the side thread waits for its stream before handing a result
+over, and `take` marks each tensor as used by the receiving thread's stream, so that the
+caching allocator does not give its memory back to the side stream while kernels queued on
+the receiving stream still read it.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+
+
+class SideStream:
+    def __init__(self, name: str):
+        self._name = name
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def submit(self, fn: Callable[..., Any], *args: Any, device: torch.device) -> Future:
+        """Run `fn(*args)` on the side thread under inference mode (on `device`'s side stream)."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+            return self._pool.submit(self._run, fn, args, device)
+
+    def _run(self, fn: Callable[..., Any], args: tuple, device: torch.device) -> Any:
+        with torch.inference_mode():
+            if device.type != "cuda":
+                return fn(*args)
+            stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+            with torch.cuda.stream(stream):
+                result = fn(*args)
+            stream.synchronize()
+            return result
+
+    @staticmethod
+    def take(future: Future, device: torch.device) -> Any:
+        """The result (or the error) of `future`, ready for use on this thread's current stream."""
+        result = future.result()
+        if device.type == "cuda":
+            for tensor in _tensors(result):
+                tensor.record_stream(torch.cuda.current_stream(device))
+        return result
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
