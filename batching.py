@@ -1,4 +1,4 @@
-"""Dynamic batching of edit requests onto one GPU thread.
+"""Dynamic batching of edit requests onto GPU threads (one per GPU lane).
 
 Semantics (the contract the handler and the tests rely on):
 
@@ -21,20 +21,22 @@ Semantics (the contract the handler and the tests rely on):
   compare with; after a size measures slower, half of it is tried next. A banned size is
   tried again after `reprobe_after` batches of its key, in case the costs have changed.
   What is learnt is kept for the `max_keys` (256) most recently run keys.
-- All batches run on one thread, one at a time; the event loop never waits on them.
+- Each lane (`Lane`: a GPU and its `run_batch`) has one thread, which runs one batch at a
+  time; with several lanes, each ready batch goes to the next lane that is free. A
+  `Batcher(run_batch=...)` has one lane. The event loop never waits on them.
 - A batch that raises is retried one request at a time, so only the guilty request gets
   the error; a batch that runs out of GPU memory is split in halves and retried.
 - A request whose awaitable was cancelled while queued never reaches the GPU; one
   cancelled while its batch runs is simply not answered, the others are.
 - Every submitted request is answered exactly once (result, error, or cancellation).
-- `on_idle`, if given, runs on the GPU thread, one step at a time, only while no request is
-  queued: work that can wait (compiling shapes no job has asked for yet) never delays a job
-  by more than the one step already running. It returns whether more steps remain; one
+- `on_idle`, if given, runs on its lane's thread, one step at a time, only while no request
+  is queued: work that can wait (compiling shapes no job has asked for yet) never delays a
+  job by more than the one step already running. It returns whether more steps remain; one
   that raises stops the idle work.
-- A broken worker fails fast: if `on_start` (model loading) raises, or a batch raises an
-  error that `is_fatal` says leaves the process unusable (a CUDA error), every queued and
-  later request gets that error at once, `failure` holds it, and `on_failure` is called
-  once so the worker can be replaced.
+- A broken worker fails fast: if any lane's `on_start` (model loading) raises, or a batch
+  raises an error that `is_fatal` says leaves the process unusable (a CUDA error), every
+  queued, running-elsewhere-and-finishing and later request gets that error at once,
+  `failure` holds it, and `on_failure` is called once so the worker can be replaced.
 """
 
 from __future__ import annotations
@@ -152,6 +154,16 @@ class CostModel:
         return max(measured) if measured else max(1, banned // 2)
 
 
+@dataclass(frozen=True)
+class Lane:
+    """One GPU's share of the work: how to run a batch there, what to do before the first
+    (load the model), and what to do while nothing is queued."""
+
+    run_batch: RunBatch
+    on_start: Callable[[], Any] | None = None
+    on_idle: Callable[[], bool] | None = None
+
+
 @dataclass
 class _Item(Generic[Req]):
     request: Req
@@ -169,7 +181,7 @@ class _Item(Generic[Req]):
 class Batcher(Generic[Req, Res]):
     def __init__(
         self,
-        run_batch: RunBatch,
+        run_batch: RunBatch | None,
         key: Callable[[Req], Hashable],
         max_batch_size: int,
         max_wait_s: float,
@@ -180,26 +192,33 @@ class Batcher(Generic[Req, Res]):
         on_idle: Callable[[], bool] | None = None,
         adaptive: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        lanes: Sequence[Lane] = (),
     ):
+        """`run_batch`, `on_start` and `on_idle` make the one lane; or give `lanes` instead."""
         if max_batch_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size must be >= 1 and max_wait_s >= 0")
-        self._run_batch = run_batch
+        if bool(lanes) == (run_batch is not None):
+            raise ValueError("give either run_batch or lanes")
+        self.lanes = tuple(lanes) or (Lane(run_batch, on_start, on_idle),)
+        self._idle = [lane.on_idle for lane in self.lanes]  # set to None once a lane's idle work is done
         self._key = key
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._is_oom = is_out_of_memory
-        self._on_start = on_start
         self._is_fatal = is_fatal
         self._on_failure = on_failure
-        self._on_idle = on_idle
         self.failure: WorkerBroken | None = None
         self._clock = clock
         self.costs: CostModel | None = CostModel() if adaptive else None
         self._pending: list[_Item] = []
         self._cond = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="gpu-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(n,), name=f"gpu-batcher-{n}" if n else "gpu-batcher", daemon=True)
+            for n in range(len(self.lanes))
+        ]
+        for thread in self._threads:
+            thread.start()
 
     # ----------------------------------------------------------------- event-loop side
 
@@ -220,8 +239,10 @@ class Batcher(Generic[Req, Res]):
         """Take no new requests, finish every queued and running one, then stop the thread."""
         with self._cond:
             self._closing = True
-            self._cond.notify()
-        self._thread.join(timeout)
+            self._cond.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     @property
     def queued(self) -> int:
@@ -230,39 +251,46 @@ class Batcher(Generic[Req, Res]):
 
     # ------------------------------------------------------------------- GPU thread
 
-    def _loop(self) -> None:
-        if self._on_start is not None:
+    def _loop(self, lane: int) -> None:
+        on_start = self.lanes[lane].on_start
+        if on_start is not None:
             try:
-                self._on_start()
+                on_start()
             except Exception as error:
                 log.exception("start-up failed")
                 self._fail(WorkerBroken(f"the model failed to load: {error}"))
                 return
         while self.failure is None:
-            batch = self._next_batch()
+            batch = self._next_batch(lane)
             if batch is None:
                 return
-            self._run(batch)
+            self._run(batch, lane)
 
     def _fail(self, failure: WorkerBroken, batch: Sequence[_Item] = ()) -> None:
-        """Answer the batch and everything queued with `failure`; refuse all that follows."""
+        """Answer the batch and everything queued with the worker's failure (the first one,
+        if another lane failed before); refuse all that follows."""
         with self._cond:
-            self.failure = failure
+            first = self.failure is None
+            if first:
+                self.failure = failure
             doomed, self._pending = [*batch, *self._pending], []
+            self._cond.notify_all()
         for item in doomed:
-            _resolve(item, error=failure)
-        log.error("worker broken, %d requests answered with the error: %s", len(doomed), failure)
-        if self._on_failure is not None:
+            _resolve(item, error=self.failure)
+        log.error("worker broken, %d requests answered with the error: %s", len(doomed), self.failure)
+        if first and self._on_failure is not None:
             self._on_failure(failure)
 
-    def _next_batch(self) -> list[_Item] | None:
+    def _next_batch(self, lane: int) -> list[_Item] | None:
         while True:
             with self._cond:
+                if self.failure is not None:
+                    return None
                 self._pending = [item for item in self._pending if not item.cancelled]
                 if not self._pending:
                     if self._closing:
                         return None
-                    if self._on_idle is None:
+                    if self._idle[lane] is None:
                         self._cond.wait()
                         continue
                 else:
@@ -273,16 +301,16 @@ class Batcher(Generic[Req, Res]):
                         return batch
                     self._cond.wait(timeout=wait)
                     continue
-            self._idle_step()  # outside the lock: requests keep arriving meanwhile
+            self._idle_step(lane)  # outside the lock: requests keep arriving meanwhile
 
-    def _idle_step(self) -> None:
+    def _idle_step(self, lane: int) -> None:
         try:
-            more = self._on_idle()
+            more = self._idle[lane]()
         except Exception:  # noqa: BLE001 - idle work is optional; jobs must not pay for it
             log.exception("idle work failed; stopping it")
             more = False
         if not more:
-            self._on_idle = None
+            self._idle[lane] = None
 
     def _ready_batch(self, now: float) -> tuple[list[_Item], float]:
         """The batch to run now, or none and how long until one could be ready."""
@@ -316,7 +344,7 @@ class Batcher(Generic[Req, Res]):
             used -= batch.pop().size
         return batch
 
-    def _run(self, batch: list[_Item]) -> None:
+    def _run(self, batch: list[_Item], lane: int) -> None:
         live = [item for item in batch if not item.cancelled]
         if not live:
             return
@@ -327,34 +355,36 @@ class Batcher(Generic[Req, Res]):
         slots = sum(item.size for item in live)
         try:
             start = time.perf_counter()
-            results = self._run_batch([item.request for item in live])
+            results = self.lanes[lane].run_batch([item.request for item in live])
             elapsed = time.perf_counter() - start
         except Exception as error:
             if self._is_fatal(error):
                 self._fail(WorkerBroken(f"the GPU failed and this worker must be replaced: {error}"), live)
             else:
-                self._recover(live, error)
+                self._recover(live, error, lane)
             return
         if self.costs is not None:
-            self.costs.record(live[0].key, slots, len(live) > 1, elapsed)
-        log.info("batch of %d requests (%d images, key %s) ran in %.0f ms (%.0f ms per image)",
-                 len(live), slots, live[0].key, elapsed * 1000, elapsed * 1000 / slots)  # fmt: skip
+            with self._cond:  # lanes record from their own threads; batches are formed under the lock too
+                self.costs.record(live[0].key, slots, len(live) > 1, elapsed)
+        log.info("batch of %d requests (%d images, key %s) ran in %.0f ms (%.0f ms per image)%s",
+                 len(live), slots, live[0].key, elapsed * 1000, elapsed * 1000 / slots,
+                 f" on lane {lane}" if len(self.lanes) > 1 else "")  # fmt: skip
         for item, result in zip(live, results, strict=True):
             _resolve(item, result=result)
 
-    def _recover(self, batch: list[_Item], error: Exception) -> None:
+    def _recover(self, batch: list[_Item], error: Exception, lane: int) -> None:
         if len(batch) == 1:
             log.warning("request failed: %s: %s", type(error).__name__, error)
             _resolve(batch[0], error=error)
         elif self._is_oom(error):
             half = len(batch) // 2
             log.warning("batch of %d ran out of GPU memory: retrying as %d + %d", len(batch), half, len(batch) - half)
-            self._run(batch[:half])
-            self._run(batch[half:])
+            self._run(batch[:half], lane)
+            self._run(batch[half:], lane)
         else:
             log.warning("batch of %d failed (%s): retrying its requests one at a time", len(batch), error)
             for item in batch:
-                self._run([item])
+                self._run([item], lane)
 
 
 def _resolve(item: _Item, result: Any = None, error: BaseException | None = None) -> None:

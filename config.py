@@ -17,6 +17,7 @@ from typing import Mapping
 TINY_MODEL_ID = "tiny-random"
 PRECISION_MODES = ("bf16", "8bit", "4bit", "fp8")
 OFFLOAD_MODES = ("none", "model", "sequential", "auto")
+GPU_PARALLELISM_MODES = ("auto", "single", "replicas")
 LIGHTNING_STEP_CHOICES = (4, 8)
 RUNPOD_VOLUME = "/runpod-volume"  # where RunPod mounts an endpoint's network volume
 RUNPOD_HF_CACHE = "/runpod-volume/huggingface-cache/hub"  # RunPod's model cache (the endpoint's "Model")
@@ -82,6 +83,8 @@ class Settings:
     lora_cache_gb: float = 50.0
     max_loaded_loras: int = 8
     max_lora_rank: int = 64
+    gpu_parallelism: str = "auto"  # auto: a replica on every GPU when there are several
+    gpu_count: int = 0  # GPUs to use; 0: every visible one (on a CPU: CPU replicas, for tests)
     # LoRAs applied to every job that does not send `loras` (an endpoint serving a fixed set).
     default_loras: tuple = ()
 
@@ -155,6 +158,8 @@ class Settings:
             lora_cache_gb=env.number("LORA_CACHE_GB", cls.lora_cache_gb, 0.1, 10_000),
             max_loaded_loras=env.integer("MAX_LOADED_LORAS", cls.max_loaded_loras, 1, 64),
             max_lora_rank=env.integer("MAX_LORA_RANK", cls.max_lora_rank, 1, 512),
+            gpu_parallelism=env.choice("GPU_PARALLELISM", cls.gpu_parallelism, GPU_PARALLELISM_MODES),
+            gpu_count=env.integer("GPU_COUNT", cls.gpu_count, 0, 16),
             default_loras=env.json_list("LORAS"),
         )
         if _on_another_filesystem(settings.model_dir, tempfile.gettempdir()):

@@ -79,5 +79,5 @@ def check_precision_supported(settings: Settings, device: torch.device) -> None:
     mode = settings.precision_mode
     if settings.uses_bitsandbytes and device.type != "cuda":
         raise DeviceError(f"PRECISION_MODE={mode} needs a CUDA GPU (bitsandbytes); use bf16 here.")
-    if mode == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY):
+    if mode == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY):
         raise DeviceError("PRECISION_MODE=fp8 needs a GPU with float8 support (Ada or Hopper, e.g. L40S, H100); use bf16.")

@@ -278,8 +278,8 @@ class EditEngine:
         """Text embeddings, reference latents and noise for one request, as the stock pipeline makes them.
         `device` is the model's: the pipeline's `_execution_device` walks every module of every
         component on each call (15 ms at real size, measured)."""
-        if request.prompts is not None:
-            embeds, negative = SideStream.take(request.prompts, device)
+        if request.prompts is not None:  # made ahead, on the first replica's GPU
+            embeds, negative = (t if t is None else t.to(device) for t in SideStream.take(request.prompts))
         else:
             embeds, negative = self._encode_prompts(pipe, request, device)
         vae_images = [pipe.image_processor.preprocess(image, ref_h, ref_w).unsqueeze(2)

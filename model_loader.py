@@ -187,7 +187,8 @@ def _load_pipeline(settings: Settings, path: str, dtype: torch.dtype, onto: torc
     from diffusers import QwenImageEditPlusPipeline
 
     quant = quantization_config(settings, dtype)
-    where = {"device_map": str(onto)} if onto is not None else {}
+    # diffusers takes "cuda", not "cuda:1": the weights go to the thread's current device (load_model sets it).
+    where = {"device_map": onto.type} if onto is not None else {}
     try:
         with _timed(f"loading the pipeline ({settings.precision_mode}) from {path}" + (f" onto {onto}" if onto else "")):
             return QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, quantization_config=quant, **where)
@@ -319,11 +320,16 @@ def _apply_memory_options(pipe, settings: Settings) -> None:
         log.info("VAE slicing on")
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    device, dtype = resolve_device_and_dtype(settings)
+def load_model(settings: Settings, device: torch.device | None = None, replica: int = 0) -> LoadedModel:
+    """The pipeline on `device` (default: the GPU, or the CPU for the tiny model). Replicas
+    after the first find the compile cache the first one restored."""
+    default_device, dtype = resolve_device_and_dtype(settings)
+    device = device or default_device
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # this thread's current GPU: where device_map="cuda" loads
     check_precision_supported(settings, device)
     bnb_quantized = settings.uses_bitsandbytes
-    restoring = compile_cache.restore(settings) if settings.compile_transformer is not False else None
+    restoring = compile_cache.restore(settings) if settings.compile_transformer is not False and replica == 0 else None
     path = resolve_model_path(settings)
     if bnb_quantized:  # bitsandbytes decides where its quantized layers go as it loads them
         pipe = _load_pipeline(settings, path, dtype)
@@ -364,8 +370,10 @@ def load_model(settings: Settings) -> LoadedModel:
 class ModelHolder:
     """Loads the model on first use, once, whichever thread asks first."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, device: torch.device | None = None, replica: int = 0):
         self._settings = settings
+        self.device = device
+        self.replica = replica
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
         self._error: BaseException | None = None
@@ -376,8 +384,8 @@ class ModelHolder:
                 raise RuntimeError(f"the model failed to load: {self._error}") from self._error
             if self._model is None:
                 try:
-                    with _timed("loading the model"):
-                        self._model = load_model(self._settings)
+                    with _timed("loading the model" + (f" onto {self.device}" if self.replica else "")):
+                        self._model = load_model(self._settings, self.device, self.replica)
                 except BaseException as error:
                     self._error = error
                     raise

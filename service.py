@@ -7,21 +7,24 @@ client can cause becomes `{"error": "<one sentence>"}`; the worker keeps running
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 import compilation
 import compile_cache
 import fetching
+import gpus
 import images
 import outputs
 import schema
 import startup_clock
-from batching import Batcher, BatcherClosed, WorkerBroken
+from batching import Batcher, BatcherClosed, Lane, WorkerBroken
 from config import Settings
 from engine import EditEngine, EditRequest, EditResult
 from adapters import AppliedLora
@@ -56,57 +59,74 @@ class EditService:
         progress: ProgressSink | None = None,
         holder: ModelHolder | None = None,
         on_broken: Callable[[WorkerBroken], None] | None = None,
+        replicas: Sequence[ModelHolder] | None = None,
     ):
+        """`holder`: the one model to serve (tests pass a loaded one); `replicas`: one per
+        GPU lane; neither: what GPU_PARALLELISM says (`gpus.replica_devices`)."""
         self.settings = settings
-        self.holder = holder or ModelHolder(settings)
-        self.engine = EditEngine(settings, self.holder.get)
+        if replicas is None:
+            devices = gpus.replica_devices(settings)
+            replicas = [holder] if holder is not None else [ModelHolder(settings, d, n) for n, d in enumerate(devices)]
+        self.replicas = list(replicas)
+        self.holder = self.replicas[0]
+        # One engine per replica; the first also decides batch keys and encodes prompts ahead.
+        self.engines = [EditEngine(settings, replica.get) for replica in self.replicas]
+        self.engine = self.engines[0]
+        self._start_lock = threading.Lock()
         self.prompt_budget = PromptBudget(lambda: self.holder.get().pipe)
         # Every image and LoRA of every job the worker holds can download at once: none waits for a thread.
         self.downloads = fetching.downloads_pool(settings.max_concurrency * (settings.max_input_images + settings.max_loras))
         self.lora_store = LoraStore(settings, self.downloads)
         self.default_loras = schema.default_loras(settings)
         self._progress = progress
+        lanes = [Lane(run_batch=functools.partial(self._run_batch, n), on_start=functools.partial(self._start, n),
+                      on_idle=functools.partial(self._warm_up_while_idle, n)) for n in range(len(self.replicas))]  # fmt: skip
         self.batcher: Batcher[EditRequest, EditResult] = Batcher(
-            run_batch=self._run_batch,
+            run_batch=None,
             key=self.engine.batch_key,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.batch_wait_ms / 1000,
             is_out_of_memory=_is_out_of_memory,
             is_fatal=_leaves_gpu_unusable,
-            on_start=self._start,
             on_failure=on_broken,
-            on_idle=self._warm_up_while_idle,
+            lanes=lanes,
         )
 
-    def _start(self) -> None:
+    def _start(self, lane: int) -> None:
         """Load the model (and compile it) as the worker starts, not on the first job; fetch
-        and load the endpoint's own LoRAs (`LORAS`), so that its first job does not wait."""
-        model = self.holder.get()
-        compilation.warm_up(model, self.engine.warm_up)
-        startup_clock.mark("model loaded and warmed up")
-        if model.compiled:  # and again once the LoRA slots' graphs are compiled
+        and load the endpoint's own LoRAs (`LORAS`), so that its first job does not wait.
+        Replicas load one after another: the first serves while the next reads the weights
+        from the page cache and compiles from the first one's cache."""
+        engine = self.engines[lane]
+        with self._start_lock:
+            model = self.replicas[lane].get()
+            if model.device.type == "cuda":
+                torch.cuda.set_device(model.device)  # this lane's thread works on its replica's GPU
+            compilation.warm_up(model, engine.warm_up)
+        startup_clock.mark("model loaded and warmed up" + (f" (replica {lane + 1})" if lane else ""))
+        if model.compiled and lane == 0:  # and again once the LoRA slots' graphs are compiled
             compile_cache.keep(self.settings)
         if self.default_loras:
             files = [self.lora_store.obtain(i, lora) for i, lora in enumerate(self.default_loras)]
             try:
-                self.engine.prepare_loras(_applied(files, self.default_loras))
+                engine.prepare_loras(_applied(files, self.default_loras))
             finally:
                 self.lora_store.release(files)
             log.info("LORAS ready: %s", ", ".join(lora.path for lora in self.default_loras))
 
-    def _warm_up_while_idle(self) -> bool:
+    def _warm_up_while_idle(self, lane: int) -> bool:
         """The LoRA slots' graphs, one per step, when no job waits; whether more remain."""
-        model = self.holder.get()
+        model = self.replicas[lane].get()
         if not model.compiled:
             return False
         try:
-            more = self.engine.warm_up_slots()
+            more = self.engines[lane].warm_up_slots()
         except Exception as error:  # noqa: BLE001 - compiling failed: serve eagerly, as at start
             if not compilation.is_compile_failure(error):
                 raise
             compilation.fall_back_to_eager(model, error)
             return False
-        if not more:
+        if not more and lane == 0:
             startup_clock.mark("LoRA slots compiled")
             compile_cache.keep(self.settings)
         return more
@@ -126,20 +146,21 @@ class EditService:
         except TextTooLong as error:
             raise schema.InputError(str(error)) from None
 
-    def _run_batch(self, requests: list[EditRequest]) -> list[EditResult]:
+    def _run_batch(self, lane: int, requests: list[EditRequest]) -> list[EditResult]:
+        engine = self.engines[lane]
         try:
-            return self.engine.run_batch(requests)
+            return engine.run_batch(requests)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise
         except Exception as error:
-            model = self.holder.get()
+            model = self.replicas[lane].get()
             if not (model.compiled and compilation.is_compile_failure(error)):
                 raise
             # A shape the warm-up did not cover failed to compile: serve it (and all later ones) eagerly.
             compilation.fall_back_to_eager(model, error)
-            return self.engine.run_batch(requests)
+            return engine.run_batch(requests)
 
     async def handle(self, job: dict) -> dict:
         started = time.perf_counter()

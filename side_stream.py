@@ -46,12 +46,12 @@ class SideStream:
             return result
 
     @staticmethod
-    def take(future: Future, device: torch.device) -> Any:
-        """The result (or the error) of `future`, ready for use on this thread's current stream."""
+    def take(future: Future) -> Any:
+        """The result (or the error) of `future`, ready for use on this thread's current streams."""
         result = future.result()
-        if device.type == "cuda":
-            for tensor in _tensors(result):
-                tensor.record_stream(torch.cuda.current_stream(device))
+        for tensor in _tensors(result):
+            if tensor.is_cuda:
+                tensor.record_stream(torch.cuda.current_stream(tensor.device))
         return result
 
 

@@ -12,6 +12,7 @@ import os
 import tempfile
 import urllib.parse
 
+import gpus
 import schema
 from config import ConfigError, Settings
 from outputs import bucket_client, bucket_name, bucket_problem, redact_url
@@ -23,6 +24,7 @@ def run(settings: Settings) -> None:
     check_save_output_dir(settings)
     check_bucket(settings)
     schema.default_loras(settings)  # LORAS entries are valid LoRA entries (fetched at start)
+    gpus.replica_devices(settings)  # GPU_COUNT no larger than the GPUs this worker sees
 
 
 def check_save_output_dir(settings: Settings) -> None:

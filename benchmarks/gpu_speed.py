@@ -72,6 +72,7 @@ SCENARIOS = {
     "batch512": (512, 8, 8, 1.0, True, "bf16"),
     "cfg1024": (1024, 2, 40, 4.0, False, "bf16"),
     "4bit1024": (1024, 2, 8, 1.0, True, "4bit"),
+    "queue8": (1024, 8, 8, 1.0, True, "bf16"),  # 8 jobs queued at once: replicas' throughput
 }
 
 
@@ -104,7 +105,7 @@ def text_encoder_7b(tokenizer):
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def build_pipeline():
+def build_pipeline(device: torch.device = torch.device("cuda")):
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
     from diffusers import QwenImageTransformer2DModel
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
@@ -116,7 +117,7 @@ def build_pipeline():
                                  video_processor=Qwen2VLVideoProcessor())  # fmt: skip
     start = time.perf_counter()
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
         try:
@@ -220,12 +221,18 @@ def engine_image(settings: Settings, model: LoadedModel, job: dict) -> np.ndarra
 
 
 def reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(index)
+        torch.cuda.reset_peak_memory_stats(index)
 
 
-def run_variant(variant, name, pipe, model, settings, jobs, warm, count, reference_images) -> dict:
+def peak_gib() -> float:
+    """The highest peak of any GPU (with replicas, each holds a whole pipeline)."""
+    return max((torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())), default=0.0)
+
+
+def run_variant(variant, name, pipe, models, settings, jobs, warm, count, reference_images) -> dict:
+    model = models[0]
     if variant == "stock":
         stock_one_at_a_time(pipe, [warm], settings)
         reset_peak()
@@ -233,7 +240,7 @@ def run_variant(variant, name, pipe, model, settings, jobs, warm, count, referen
         sizes, error, stages = [1] * count, None, {}
         reference_images[name] = engine_image(settings, model, jobs[0])
     else:
-        service = EditService(settings, holder=Preloaded(model))
+        service = EditService(settings, replicas=[Preloaded(m) for m in models])
         warm_start = time.perf_counter()
         # Untimed passes: compilation, then the batcher measuring one job alone and the batch
         # sizes it tries, so that the timed pass runs on what was learned, as a worker that
@@ -249,7 +256,7 @@ def run_variant(variant, name, pipe, model, settings, jobs, warm, count, referen
         stages = {s: statistics.median(r["timings_ms"][s] for r in results) for s in ("encode", "denoise", "decode")}
         service.close()
         error = relative_error(engine_image(settings, model, jobs[0]), reference_images[name])
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    peak = peak_gib()
     q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     return {"scenario": name, "variant": variant, "images_per_s": count / elapsed, "p50_s": statistics.median(latencies),
             "p95_s": q[18], "peak_gib": peak, "mean_batch": statistics.mean(sizes), "rel_error_vs_eager": error,
@@ -259,7 +266,7 @@ def run_variant(variant, name, pipe, model, settings, jobs, warm, count, referen
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenarios", default="lightning1024,batch512,cfg1024")
-    parser.add_argument("--variants", default="eager,compiled", help="B variants, in this order: eager, eager-alone (MAX_BATCH_SIZE=1), compiled, compiled-alone, cfgbatch, fp8, fp8-alone, cudnn, cudnn-alone (cuDNN attention; compiled if a compiled variant came first)")
+    parser.add_argument("--variants", default="eager,compiled", help="B variants, in this order: eager, eager-alone (MAX_BATCH_SIZE=1), compiled, compiled-alone, cfgbatch, replicas (compiled, one job at a time on each visible GPU), fp8, fp8-alone, cudnn, cudnn-alone (cuDNN attention; compiled if a compiled variant came first)")
     parser.add_argument("--out", default=".")
     parser.add_argument("--tiny", action="store_true", help="smoke-test this script on CPU with the tiny model")
     parser.add_argument("--warm-passes", type=int, default=2, help="untimed passes over the jobs before B is timed")
@@ -278,7 +285,7 @@ def main() -> None:
     scenarios = args.scenarios.split(",")
     variants = args.variants.split(",")
     # Compiling, fp8 and cuDNN attention change the shared pipeline for good, so they come last.
-    stage = [3 if v.startswith("cudnn") else 2 if v.startswith("fp8") else 1 if v.startswith(("compiled", "cfgbatch")) else 0
+    stage = [3 if v.startswith("cudnn") else 2 if v.startswith("fp8") else 1 if v.startswith(("compiled", "cfgbatch", "replicas")) else 0
              for v in variants]  # fmt: skip
     if stage != sorted(stage):
         parser.error("list variants in this order: eager ones, compiled and cfgbatch, fp8, cudnn")
@@ -305,6 +312,7 @@ def main() -> None:
     base_env = {"MODEL_ID": "tiny-random" if args.tiny else "real-size-random", "MAX_BATCH_SIZE": "8", "MAX_CONCURRENCY": "16", "BATCH_WAIT_MS": "50"}
     rows, reference_images = [], {}
     compiled = quantized = False
+    replicas = [pipe]  # more, one per further GPU, when the replicas variant first runs
     for variant in ["stock", *variants]:
         if variant != "stock":
             rope_attention.install(pipe.transformer)  # the loader's step (once); A keeps diffusers' processor
@@ -312,25 +320,35 @@ def main() -> None:
             fp8.quantize(pipe.transformer)  # the production loader's own fp8 step
             print(f"transformer in fp8: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
             quantized = True
-        if variant.startswith(("compiled", "cfgbatch", "fp8")) and not compiled:
+        if variant.startswith(("compiled", "cfgbatch", "fp8", "replicas")) and not compiled:
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
             compiled = True
+        if variant == "replicas" and len(replicas) == 1:
+            for index in range(1, torch.cuda.device_count()):
+                replica = build_pipeline(torch.device("cuda", index))  # the same seed: the same weights
+                rope_attention.install(replica.transformer)
+                replica.transformer.compile_repeated_blocks(fullgraph=True)
+                replicas.append(replica)
         env = dict(base_env, CFG_BATCHING=str(variant == "cfgbatch"),
-                   MAX_BATCH_SIZE="1" if variant.endswith("-alone") else base_env["MAX_BATCH_SIZE"],
+                   MAX_BATCH_SIZE="1" if variant.endswith("-alone") or variant == "replicas" else base_env["MAX_BATCH_SIZE"],
                    ATTENTION_BACKEND="_native_cudnn" if variant.startswith("cudnn") else "native")  # fmt: skip
         settings = Settings.from_env(env)
         if variant.startswith("cudnn"):
             pipe.transformer.set_attention_backend("_native_cudnn")
         for name in scenarios:
             side, count, steps, cfg, lightning, precision = SCENARIOS[name]
-            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-                LIGHTNING_SCHEDULER_CONFIG if lightning else BASE_SCHEDULER_CONFIG
-            )
-            model = LoadedModel(pipe, DEVICE, DTYPE, precision, lightning, "none")
+            lanes = replicas if variant == "replicas" else [pipe]
+            models = []
+            for lane in lanes:
+                lane.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+                    LIGHTNING_SCHEDULER_CONFIG if lightning else BASE_SCHEDULER_CONFIG
+                )
+                device = next(lane.transformer.parameters()).device
+                models.append(LoadedModel(lane, device, DTYPE, precision, lightning, "none"))
             jobs = jobs_for(name)
             warm = dict(jobs[0], id="warm")
             try:
-                row = run_variant(variant, name, pipe, model, settings, jobs, warm, count, reference_images)
+                row = run_variant(variant, name, pipe, models, settings, jobs, warm, count, reference_images)
             except Exception as error:  # one variant failing must not cost the rest of the run
                 print(f"{variant} {name} FAILED: {type(error).__name__}: {str(error)[:500]}", flush=True)
                 continue

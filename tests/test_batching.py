@@ -345,3 +345,86 @@ def test_idle_work_that_fails_stops_and_requests_are_still_served():
     assert run(scenario()) == "ok"
     batcher.close()
     assert calls == [1] and batcher.failure is None
+
+
+def test_lanes_run_batches_at_the_same_time_and_answer_each_request_once():
+    from batching import Lane
+
+    both_running = threading.Barrier(2, timeout=5)
+    ran: dict[str, list[str]] = {"gpu0": [], "gpu1": []}
+
+    def lane(name):
+        def run_batch(jobs):
+            if jobs[0].name in ("a", "b"):
+                both_running.wait()  # each lane holds one of the first two batches: only concurrency passes
+            ran[name].extend(j.name for j in jobs)
+            return [f"{name}:{j.name}" for j in jobs]
+
+        return Lane(run_batch)
+
+    batcher = Batcher(None, key=lambda j: j.name, max_batch_size=1, max_wait_s=0, adaptive=False,
+                      lanes=[lane("gpu0"), lane("gpu1")])  # fmt: skip
+
+    async def scenario():
+        return await asyncio.gather(*(batcher.submit(Job(n)) for n in "abcdef"))
+
+    results = run(scenario())
+    batcher.close(5)
+    assert sorted(r.split(":")[1] for r in results) == list("abcdef")
+    assert ran["gpu0"] and ran["gpu1"] and sorted(ran["gpu0"] + ran["gpu1"]) == list("abcdef")
+
+
+def test_a_lane_whose_gpu_breaks_retires_the_whole_worker_once():
+    from batching import Lane, WorkerBroken
+
+    class GpuGone(RuntimeError):
+        pass
+
+    healthy_gate = threading.Event()
+    failures: list[WorkerBroken] = []
+
+    def broken(jobs):
+        raise GpuGone("an illegal memory access was encountered")
+
+    def healthy(jobs):
+        healthy_gate.wait(5)
+        return [f"ok:{j.name}" for j in jobs]
+
+    batcher = Batcher(None, key=lambda j: j.name, max_batch_size=1, max_wait_s=0, adaptive=False,
+                      is_fatal=lambda e: isinstance(e, GpuGone), on_failure=failures.append,
+                      lanes=[Lane(healthy), Lane(broken)])  # fmt: skip
+
+    async def scenario():
+        futures = [batcher.submit(Job(n)) for n in "abcd"]
+        await asyncio.sleep(0.5)
+        healthy_gate.set()
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    results = run(scenario())
+    later = run(_submit_after(batcher))
+    batcher.close(5)
+    assert len(results) == 4 and len(failures) == 1
+    assert any(isinstance(r, WorkerBroken) for r in results)
+    assert all(isinstance(r, WorkerBroken) or r.startswith("ok:") for r in results)
+    assert isinstance(later, WorkerBroken)
+
+
+async def _submit_after(batcher):
+    try:
+        return await batcher.submit(Job("late"))
+    except Exception as error:  # noqa: BLE001 - the error is the answer
+        return error
+
+
+def test_a_lane_that_cannot_load_its_model_retires_the_worker():
+    from batching import Lane, WorkerBroken
+
+    def cannot_load():
+        raise RuntimeError("CUDA out of memory on GPU 1")
+
+    batcher = Batcher(None, key=lambda j: j.name, max_batch_size=1, max_wait_s=0, adaptive=False,
+                      lanes=[Lane(lambda jobs: ["ok"] * len(jobs)), Lane(lambda jobs: [], on_start=cannot_load)])  # fmt: skip
+    result = run(_submit_after(batcher))
+    batcher.close(5)
+    assert isinstance(batcher.failure, WorkerBroken) and "GPU 1" in str(batcher.failure)
+    assert result == "ok" or isinstance(result, WorkerBroken)

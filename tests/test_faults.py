@@ -72,7 +72,7 @@ def test_a_cuda_error_answers_the_batch_and_the_queue_and_retires_the_worker(tin
 def test_jobs_waiting_for_a_model_that_fails_to_load_all_get_the_reason(tiny_settings, monkeypatch):
     import model_loader
 
-    def corrupt(settings):
+    def corrupt(settings, *placement):
         time.sleep(0.5)  # the jobs arrive while the weights load
         raise OSError("Error while deserializing header: invalid safetensors file")
 

@@ -168,7 +168,7 @@ def test_a_prompt_past_the_models_text_positions_is_refused_before_the_gpu(tiny_
     async def scenario():
         service = EditService(tiny_settings, holder=base_holder)
         ran = []
-        service._run_batch = lambda requests: ran.append(requests)
+        service.engine.run_batch = lambda requests: ran.append(requests)
         answers = [await service.handle({"id": "long", "input": {"prompt": text, "images": [SAMPLE], "width": 64,
                                                                  "height": 64}}),  # fmt: skip
                    await service.handle({"id": "neg", "input": {"prompt": "x", "negative_prompt": text,

@@ -42,9 +42,9 @@ def test_holder_loads_once_for_concurrent_callers(tiny_settings, monkeypatch):
     calls = []
     real = model_loader.load_model
 
-    def counting(settings):
+    def counting(settings, *placement):
         calls.append(1)
-        return real(settings)
+        return real(settings, *placement)
 
     monkeypatch.setattr(model_loader, "load_model", counting)
     holder = ModelHolder(tiny_settings)

@@ -82,7 +82,7 @@ def test_one_image_is_sent_once_in_the_seed_workers_field(tiny_settings, base_ho
 def test_a_result_that_cannot_fit_is_refused_before_the_gpu_runs(tiny_env, base_holder, monkeypatch):
     settings = Settings.from_env(tiny_env(MAX_RESPONSE_BYTES="1000000"))
     ran = []
-    monkeypatch.setattr(EditService, "_run_batch", lambda self, requests: ran.append(requests))
+    monkeypatch.setattr(EditService, "_run_batch", lambda self, lane, requests: ran.append(requests))
     # 4 x 512x512 png is at least 1.4 MB in base64, whatever the pixels.
     result = handle(settings, base_holder, {**JOB, "width": 512, "height": 512, "num_images": 4})
     assert result["error"] == (

@@ -1,0 +1,97 @@
+"""GPU_PARALLELISM=replicas: a whole pipeline per GPU, each ready batch on a free one.
+
+There is no GPU here: the device choice is checked with the GPU count given, and replicas
+run as CPU replicas of the tiny model, each its own pipeline and batcher lane, through the
+service and through RunPod's worker loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import gpus
+from config import ConfigError, Settings
+from model_loader import ModelHolder
+from service import EditService
+from tests.test_handler import SAMPLE, decoded
+from tests.test_runpod_worker import good_job, pixels, start_worker, stop_worker, standin  # noqa: F401
+
+
+def settings(**env: str) -> Settings:
+    return Settings.from_env({"MODEL_ID": "Qwen/Qwen-Image-Edit-2509", **env})
+
+
+@pytest.mark.parametrize(
+    ("env", "visible", "expected"),
+    [
+        ({}, 2, ["cuda:0", "cuda:1"]),  # auto: a replica per GPU
+        ({}, 1, ["cuda:0"]),
+        ({"GPU_PARALLELISM": "single"}, 4, ["cuda:0"]),
+        ({"GPU_COUNT": "3"}, 4, ["cuda:0", "cuda:1", "cuda:2"]),
+        ({"GPU_PARALLELISM": "replicas", "GPU_COUNT": "1"}, 2, ["cuda:0"]),
+        ({"PRECISION_MODE": "4bit"}, 2, ["cuda:0"]),  # bitsandbytes places its layers on the first GPU
+        ({"GPU_PARALLELISM": "replicas", "GPU_COUNT": "2"}, 0, ["cpu", "cpu"]),  # the tests' CPU replicas
+        ({}, 0, ["cpu"]),
+    ],
+)
+def test_replica_devices(env, visible, expected):
+    assert [str(d) for d in gpus.replica_devices(settings(**env), visible=visible)] == expected
+
+
+def test_more_gpus_than_visible_is_refused_with_a_sentence():
+    with pytest.raises(ConfigError, match=r"^GPU_COUNT must be at most the number of GPUs this worker sees \(2\); got 3\.$"):
+        gpus.replica_devices(settings(GPU_COUNT="3"), visible=2)
+    with pytest.raises(ConfigError, match="GPU_PARALLELISM must be one of auto, single, replicas"):
+        settings(GPU_PARALLELISM="context")
+
+
+def test_two_replicas_share_the_jobs_and_give_one_devices_pixels(tiny_env, base_holder):
+    replicated = Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1"))
+    jobs = [{"id": f"j{i}", "input": {"prompt": f"prompt {i % 3}", "image_base64": SAMPLE, "seed": 10 + i,
+                                       "num_inference_steps": 2, "width": 64, "height": 64}} for i in range(6)]  # fmt: skip
+
+    async def serve(service: EditService) -> list[dict]:
+        answers = await asyncio.gather(*(service.handle(job) for job in jobs))
+        service.batcher.close(10)
+        return answers
+
+    service = EditService(replicated)
+    assert [h.device for h in service.replicas] == [torch.device("cpu")] * 2
+    lanes_used: set[str] = set()
+    for engine in service.engines:
+        real = engine.run_batch
+
+        def recorded(requests, real=real):
+            lanes_used.add(threading.current_thread().name)
+            return real(requests)
+
+        engine.run_batch = recorded
+    two = asyncio.run(serve(service))
+    assert service.replicas[0].get() is not service.replicas[1].get()  # two pipelines
+    assert lanes_used == {"gpu-batcher", "gpu-batcher-1"}
+    one = asyncio.run(serve(EditService(Settings.from_env(tiny_env(MAX_BATCH_SIZE="1")), holder=base_holder)))
+    for a, b in zip(two, one):
+        assert a["seed"] == b["seed"]
+        assert np.array_equal(np.asarray(decoded(a["output_image_base64"])), np.asarray(decoded(b["output_image_base64"])))
+
+
+def test_replicas_through_the_runpod_worker_loop(standin, tiny_env, tmp_path):  # noqa: F811
+    jobs = [good_job(i) for i in range(6)] + [dict(good_job(i), id=f"repeat-{i}") for i in range(2)]
+    standin.add_jobs(jobs)
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(standin, tiny_env, log_path, GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1",
+                        MAX_CONCURRENCY="8")  # fmt: skip
+    try:
+        finished = standin.wait_for_results(len(jobs), timeout=240)
+    finally:
+        code, output = stop_worker(proc, log_path)
+    assert finished and code == 0, output[-4000:]
+    assert sorted(standin.results) == sorted(job["id"] for job in jobs)
+    assert all(len(answers) == 1 and "error" not in answers[0] for answers in standin.results.values())
+    assert "on lane 0" in output and "on lane 1" in output
+    for i in range(2):
+        assert np.abs(pixels(standin.results[f"good-{i}"][0]) - pixels(standin.results[f"repeat-{i}"][0])).max() <= 1
