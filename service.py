@@ -73,6 +73,8 @@ class EditService:
         self.engines = [EditEngine(settings, replica.get) for replica in self.replicas]
         self.engine = self.engines[0]
         self._start_lock = threading.Lock()
+        # No lane serves before every replica is compiled; then nothing compiles any more.
+        self._all_started = threading.Barrier(len(self.replicas), action=self._freeze_compiled if len(self.replicas) > 1 else None)
         self.prompt_budget = PromptBudget(lambda: self.holder.get().pipe)
         # Every image and LoRA of every job the worker holds can download at once: none waits for a thread.
         self.downloads = fetching.downloads_pool(settings.max_concurrency * (settings.max_input_images + settings.max_loras))
@@ -98,11 +100,18 @@ class EditService:
         Replicas load one after another: the first serves while the next reads the weights
         from the page cache and compiles from the first one's cache."""
         engine = self.engines[lane]
-        with self._start_lock:
-            model = self.replicas[lane].get()
-            if model.device.type == "cuda":
-                torch.cuda.set_device(model.device)  # this lane's thread works on its replica's GPU
-            compilation.warm_up(model, engine.warm_up)
+        try:
+            with self._start_lock:
+                model = self.replicas[lane].get()
+                if model.device.type == "cuda":
+                    torch.cuda.set_device(model.device)  # this lane's thread works on its replica's GPU
+                compilation.warm_up(model, engine.warm_up)
+                while len(self.replicas) > 1 and self._warm_up_while_idle(lane):
+                    pass  # replicas compile their LoRA slots now: nothing may compile once they serve
+            self._all_started.wait()
+        except BaseException:
+            self._all_started.abort()  # the other lanes stop waiting: the worker is broken
+            raise
         startup_clock.mark("model loaded and warmed up" + (f" (replica {lane + 1})" if lane else ""))
         if model.compiled and lane == 0:  # and again once the LoRA slots' graphs are compiled
             compile_cache.keep(self.settings)
@@ -113,6 +122,15 @@ class EditService:
             finally:
                 self.lora_store.release(files)
             log.info("LORAS ready: %s", ", ".join(lora.path for lora in self.default_loras))
+
+    @staticmethod
+    def _freeze_compiled() -> None:
+        """Replicas: from now on, a shape no graph covers runs eagerly instead of compiling.
+        Compiling traces with `torch.nn.Module.__call__` patched for the whole process, which
+        breaks the modules other lanes are running meanwhile (seen on two H200s: "Detected
+        that you are using FX to symbolically trace a dynamo-optimized function")."""
+        torch.compiler.set_stance("eager_on_recompile")
+        log.info("replicas ready: shapes not compiled by now run eagerly")
 
     def _warm_up_while_idle(self, lane: int) -> bool:
         """The LoRA slots' graphs, one per step, when no job waits; whether more remain."""

@@ -10,15 +10,69 @@ Results cross streams safely: the side thread waits for its stream before handin
 over, and `take` marks each tensor as used by the receiving thread's stream, so that the
 caching allocator does not give its memory back to the side stream while kernels queued on
 the receiving stream still read it.
+
+Side work never runs while torch.compile traces (`CompileFence`): tracing patches
+`torch.nn.Module.__call__` for the whole process, so a module called from another thread
+meanwhile is routed into the trace. (Seen on the GPU machine: a module called by a second
+thread during a compile failed with "Detected that you are using FX to symbolically trace a
+dynamo-optimized function".)
 """
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
+
+
+class CompileFence:
+    """Calls that must not overlap a torch.compile trace (`calls()`), and the compiles that
+    wait for them: a compile waits for the calls under way, and calls wait while it runs."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._calls = 0
+        self._compiling = False
+        self.compiles = 0
+
+    def install(self) -> None:
+        """Hook dynamo's compile start and end, unless hooked: `torch._dynamo.reset()` (the
+        fall-back to eager calls it) drops every hook, so side work checks before each call."""
+        from torch._dynamo.callback import callback_handler
+
+        with self._cond:
+            if self.compile_started not in callback_handler.start_callbacks:
+                callback_handler.register_start_callback(self.compile_started)
+                callback_handler.register_end_callback(self.compile_ended)
+
+    def compile_started(self, *_: Any) -> None:
+        with self._cond:
+            self._compiling = True  # first, so that no new call starts while the old ones finish
+            self._cond.wait_for(lambda: self._calls == 0)
+            self.compiles += 1
+
+    def compile_ended(self, *_: Any) -> None:
+        with self._cond:
+            self._compiling = False
+            self._cond.notify_all()
+
+    @contextmanager
+    def calls(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._compiling)
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._calls -= 1
+                self._cond.notify_all()
+
+
+FENCE = CompileFence()
 
 
 class SideStream:
@@ -30,13 +84,14 @@ class SideStream:
 
     def submit(self, fn: Callable[..., Any], *args: Any, device: torch.device) -> Future:
         """Run `fn(*args)` on the side thread under inference mode (on `device`'s side stream)."""
+        FENCE.install()
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
             return self._pool.submit(self._run, fn, args, device)
 
     def _run(self, fn: Callable[..., Any], args: tuple, device: torch.device) -> Any:
-        with torch.inference_mode():
+        with torch.inference_mode(), FENCE.calls():
             if device.type != "cuda":
                 return fn(*args)
             stream = self._streams.setdefault(device, torch.cuda.Stream(device))
