@@ -344,7 +344,8 @@ def main() -> None:
                     LIGHTNING_SCHEDULER_CONFIG if lightning else BASE_SCHEDULER_CONFIG
                 )
                 device = next(lane.transformer.parameters()).device
-                models.append(LoadedModel(lane, device, DTYPE, precision, lightning, "none"))
+                # Replicas compile at start, as the worker does (nothing compiles once they serve).
+                models.append(LoadedModel(lane, device, DTYPE, precision, lightning, "none", compiled=variant == "replicas"))
             jobs = jobs_for(name)
             warm = dict(jobs[0], id="warm")
             try:
