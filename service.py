@@ -73,6 +73,7 @@ class EditService:
         self.engines = [EditEngine(settings, replica.get) for replica in self.replicas]
         self.engine = self.engines[0]
         self._start_lock = threading.Lock()
+        self._encodes = 0
         # No lane serves before every replica is compiled; then nothing compiles any more.
         self._all_started = threading.Barrier(len(self.replicas), action=self._freeze_compiled if len(self.replicas) > 1 else None)
         self.prompt_budget = PromptBudget(lambda: self.holder.get().pipe)
@@ -122,6 +123,12 @@ class EditService:
             finally:
                 self.lora_store.release(files)
             log.info("LORAS ready: %s", ", ".join(lora.path for lora in self.default_loras))
+
+    def _encoder(self) -> EditEngine:
+        """The replica whose text encoder encodes the next job's prompt ahead: each in turn, so
+        that with N GPUs N prompts are encoded at once (any replica's embeddings serve any GPU)."""
+        self._encodes += 1
+        return self.engines[self._encodes % len(self.engines)]
 
     @staticmethod
     def _freeze_compiled() -> None:
@@ -192,7 +199,7 @@ class EditService:
             plan = self.engine.plan(request)
             outputs.check_fits(request.num_images, plan.width, plan.height, params.output_format, self.settings)
             await asyncio.to_thread(self._check_text_fits, request, plan)
-            request = self.engine.encode_ahead(request)
+            request = self._encoder().encode_ahead(request)
             result = await self.batcher.submit(request, size=request.num_images)
             finished = time.perf_counter()
             response = await asyncio.to_thread(self._respond, job, request, params, result)

@@ -69,6 +69,10 @@ def test_two_replicas_share_the_jobs_and_give_one_devices_pixels(tiny_env, base_
 
     service = EditService(replicated)
     assert [h.device for h in service.replicas] == [torch.device("cpu")] * 2
+    encoders: set[int] = set()
+    for n, engine in enumerate(service.engines):
+        real_ahead = engine.encode_ahead
+        engine.encode_ahead = lambda request, n=n, real=real_ahead: (encoders.add(n), real(request))[1]
     lanes_used: set[str] = set()
     for engine in service.engines:
         real = engine.run_batch
@@ -81,6 +85,7 @@ def test_two_replicas_share_the_jobs_and_give_one_devices_pixels(tiny_env, base_
     two = asyncio.run(serve(service))
     assert service.replicas[0].get() is not service.replicas[1].get()  # two pipelines
     assert lanes_used == {"gpu-batcher", "gpu-batcher-1"}
+    assert encoders == {0, 1}  # prompts are encoded ahead on both replicas in turn
     one = asyncio.run(serve(EditService(Settings.from_env(tiny_env(MAX_BATCH_SIZE="1")), holder=base_holder)))
     for a, b in zip(two, one):
         assert a["seed"] == b["seed"]
