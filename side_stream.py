@@ -34,7 +34,7 @@ class CompileFence:
 
     def __init__(self):
         self._cond = threading.Condition()
-        self._calls = 0
+        self._calls: dict[int, int] = {}  # calls under way, per thread
         self._compiling = False
         self.compiles = 0
 
@@ -49,9 +49,11 @@ class CompileFence:
                 callback_handler.register_end_callback(self.compile_ended)
 
     def compile_started(self, *_: Any) -> None:
+        me = threading.get_ident()
         with self._cond:
             self._compiling = True  # first, so that no new call starts while the old ones finish
-            self._cond.wait_for(lambda: self._calls == 0)
+            # Other threads' calls only: a call that itself compiles must not wait for itself.
+            self._cond.wait_for(lambda: not any(n for thread, n in self._calls.items() if thread != me))
             self.compiles += 1
 
     def compile_ended(self, *_: Any) -> None:
@@ -61,14 +63,17 @@ class CompileFence:
 
     @contextmanager
     def calls(self) -> Iterator[None]:
+        me = threading.get_ident()
         with self._cond:
             self._cond.wait_for(lambda: not self._compiling)
-            self._calls += 1
+            self._calls[me] = self._calls.get(me, 0) + 1
         try:
             yield
         finally:
             with self._cond:
-                self._calls -= 1
+                self._calls[me] -= 1
+                if not self._calls[me]:
+                    del self._calls[me]
                 self._cond.notify_all()
 
 

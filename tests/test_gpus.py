@@ -108,3 +108,38 @@ def test_replicas_through_the_runpod_worker_loop(standin, tiny_env, tmp_path):  
     assert "on lane 0" in output and "on lane 1" in output
     for i in range(2):
         assert np.abs(pixels(standin.results[f"good-{i}"][0]) - pixels(standin.results[f"repeat-{i}"][0])).max() <= 1
+
+
+def test_no_replica_serves_before_all_are_compiled_and_then_nothing_compiles(tiny_env):
+    from side_stream import FENCE
+
+    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1")))
+    events: list[str] = []
+    slow = service.replicas[1]
+    real_get = slow.get
+
+    def slow_get():
+        model = real_get()
+        if "replica 1 ready" not in events:
+            threading.Event().wait(1.0)  # a second GPU still reading its weights
+            events.append("replica 1 ready")
+        return model
+
+    slow.get = slow_get
+    for engine in service.engines:
+        real = engine.run_batch
+        engine.run_batch = lambda requests, real=real: (events.append("batch"), real(requests))[1]
+
+    async def serve():
+        answer = await service.handle({"id": "j", "input": {"prompt": "x", "image_base64": SAMPLE, "num_inference_steps": 1}})
+        service.batcher.close(10)
+        return answer
+
+    assert "output_image_base64" in asyncio.run(serve())
+    assert events.index("replica 1 ready") < events.index("batch")
+
+    compiled = torch.compile(lambda x: x * 2, backend="eager")
+    compiled(torch.ones(2))
+    before = FENCE.compiles
+    compiled(torch.ones(2, 3))  # a new shape: with replicas serving, it runs eagerly
+    assert FENCE.compiles == before

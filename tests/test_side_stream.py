@@ -49,3 +49,11 @@ def test_the_fence_sees_real_compiles_even_after_a_dynamo_reset():
     before = FENCE.compiles
     torch.compile(lambda x: torch.sin(x) * 2, backend="eager")(torch.ones(3))
     assert FENCE.compiles == before + 1
+
+
+def test_side_work_that_compiles_does_not_wait_for_itself():
+    side = SideStream("test-compiling-side")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: torch.cos(x) + 1, backend="eager")
+    result = side.submit(lambda: compiled(torch.zeros(2)), device=torch.device("cpu")).result(20)
+    assert torch.equal(result, torch.full((2,), 2.0))
