@@ -32,6 +32,7 @@ from engine import EditEngine, EditRequest  # noqa: E402
 from gpu_speed import build_pipeline  # noqa: E402
 from compilation import compile_transformer, should_compile  # noqa: E402
 import fp8  # noqa: E402
+import rope_attention  # noqa: E402
 from model_loader import LoadedModel  # noqa: E402
 
 
@@ -45,6 +46,7 @@ def main() -> None:
     settings = Settings.from_env({"MODEL_ID": "real-size-random", "MODEL_DIR": args.model_dir,
                                   "PRECISION_MODE": "fp8" if args.fp8 else "bf16"})  # fmt: skip
     pipe = build_pipeline()
+    rope_attention.install(pipe.transformer)  # the loader's steps, in its order
     if args.fp8:
         fp8.quantize(pipe.transformer)
     device = torch.device("cuda")
