@@ -16,6 +16,7 @@ import torch
 from config import Settings, export_library_settings
 
 log = logging.getLogger("qwen_edit_worker.compile")
+RECOMPILE_LIMIT = 64
 
 
 def should_compile(settings: Settings, device: torch.device, bnb_quantized: bool, offload: str) -> bool:
@@ -35,6 +36,9 @@ def compile_transformer(pipe, settings: Settings) -> None:
     """Regional compile: the 60 identical blocks share one compiled graph. torch compiles
     lazily, on the first forward, which is what the warm-up is for."""
     export_library_settings(settings)  # the inductor cache lives in MODEL_DIR
+    # The blocks' one code object gets a graph per variant: text length, batch size, mask,
+    # active LoRA slots. Past dynamo's limit (8) a fullgraph compile fails the job outright.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     pipe.transformer.compile_repeated_blocks(fullgraph=True)
     log.info("transformer blocks set up for torch.compile (regional); compiling on the warm-up edit")
 

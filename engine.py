@@ -123,12 +123,28 @@ def _dimensions(area: int, image: Image.Image) -> tuple[int, int]:
 WARM_UP_PROMPTS = ("warm up", "warm up the compiled transformer with a somewhat longer prompt")
 
 
+@dataclass(frozen=True)
+class _WarmUp:
+    """One warm-up edit: a request per prompt, each of `images` images, with `slots` LoRA slots on."""
+
+    prompts: tuple[str, ...] = WARM_UP_PROMPTS[:1]
+    images: int = 1
+    slots: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.slots:
+            return f" ({self.slots} LoRA slots on)"
+        batch = len(self.prompts) * self.images
+        return f" (batch of {batch})" if batch > 1 else ""
+
+
 class EditEngine:
     def __init__(self, settings: Settings, model: Callable[[], LoadedModel]):
         self._settings = settings
         self._model = model
         self.default_output_area = settings.reference_image_area if settings.is_tiny else DEFAULT_OUTPUT_AREA
-        self._slot_counts_to_warm: list[int] = []
+        self._idle_warm_ups: list[_WarmUp] = []
         self._prompt_side = SideStream("prompt-encoder")
         self._prompt_lock = threading.Lock()  # one prompt encoding at a time: the tokenizer is not thread-safe
 
@@ -155,41 +171,58 @@ class EditEngine:
     def warm_up(self) -> None:
         """Compile for the most common shape (the default output size, one square reference)
         before the first job: two prompt lengths, so that later lengths reuse one
-        dynamic-shape graph. With LoRA slots, the graphs for 1 to `MAX_LORAS` active slots
-        are compiled afterwards, while the GPU is idle (`warm_up_slots`)."""
+        dynamic-shape graph. What can wait is compiled afterwards, while the GPU is idle
+        (`warm_up_idle`): the graphs for 1 to `MAX_LORAS` active LoRA slots, then batches."""
         model = self._model()
         for prompt in WARM_UP_PROMPTS:
-            self._warm_up_edit(model, 0, prompt)
-        self._slot_counts_to_warm = list(range(1, len(model.lora_slots) + 1))
+            self._warm_up_edit(model, _WarmUp(prompts=(prompt,)))
+        slots = [_WarmUp(slots=count) for count in range(1, len(model.lora_slots) + 1)]
+        self._idle_warm_ups = slots + self._batch_warm_ups()
 
-    def warm_up_slots(self) -> bool:
-        """Compile the graph for the next number of active LoRA slots (one 1-step edit);
-        whether more remain. A LoRA job that comes first compiles its own count as it runs."""
-        if not self._slot_counts_to_warm:
+    def _batch_warm_ups(self) -> list[_WarmUp]:
+        """Batches of 2 and then 3 requests (texts of unequal length, padded and masked, where
+        the attention backend masks), then one request of 2 images (no mask). Dynamo
+        specialises the batch dimension until it has seen two sizes above 1: without these,
+        each batch size the batcher tried compiled on live jobs (15-30 s at 1024² on an H200)."""
+        limit = self._settings.max_batch_size
+        if limit < 2:
+            return []
+        if self._settings.attention_takes_masks:
+            # The second batch's longest text is shorter than the first's: both dimensions vary.
+            steps = [_WarmUp(prompts=WARM_UP_PROMPTS), _WarmUp(prompts=("warm up", "warm up a batch", "of three"))]
+        else:  # only equal texts share a batch: one request of several images is such a batch
+            steps = [_WarmUp(images=2), _WarmUp(images=3)]
+        steps = [step for step in steps if len(step.prompts) * step.images <= limit]
+        return steps + ([_WarmUp(images=2)] if self._settings.attention_takes_masks else [])
+
+    def warm_up_idle(self) -> bool:
+        """Run the next idle warm-up (one 1-step edit); whether more remain. A job that needs
+        a graph first compiles it as it runs."""
+        if not self._idle_warm_ups:
             return False
-        self._warm_up_edit(self._model(), self._slot_counts_to_warm[0], WARM_UP_PROMPTS[0])
-        self._slot_counts_to_warm.pop(0)
-        return bool(self._slot_counts_to_warm)
+        self._warm_up_edit(self._model(), self._idle_warm_ups.pop(0))
+        return bool(self._idle_warm_ups)
 
     @property
-    def slots_warming(self) -> bool:
-        """Whether slot graphs are still to be compiled (`warm_up_slots`)."""
-        return bool(self._slot_counts_to_warm)
+    def warming_up(self) -> bool:
+        """Whether idle warm-ups remain (`warm_up_idle`)."""
+        return bool(self._idle_warm_ups)
 
-    def _warm_up_edit(self, model: LoadedModel, slots: int, prompt: str) -> None:
+    def _warm_up_edit(self, model: LoadedModel, step: _WarmUp) -> None:
         side = round_to_multiple(int(self.default_output_area**0.5))
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
-        edit = EditRequest(prompt=prompt, images=(image,), seed=0, num_inference_steps=1,
-                           true_cfg_scale=self._settings.default_true_cfg_scale, width=side, height=side)  # fmt: skip
+        edits = [EditRequest(prompt=prompt, images=(image,), seed=0, num_inference_steps=1, num_images=step.images,
+                             true_cfg_scale=self._settings.default_true_cfg_scale, width=side, height=side)
+                 for prompt in step.prompts]  # fmt: skip
         adapters = self._adapters(model)
         start = time.perf_counter()
-        adapters.use_slots(model, slots)  # whatever the slots hold: the output is not used
+        adapters.use_slots(model, step.slots)  # whatever the slots hold: the output is not used
         try:
             with torch.inference_mode():
-                self._run(model, [edit])
+                self._run(model, edits)
         finally:
             adapters.use_slots(model, 0)  # the next batch sets its own
-        log.info("warm-up edit%s took %.1f s", f" ({slots} LoRA slots on)" if slots else "", time.perf_counter() - start)
+        log.info("warm-up edit%s took %.1f s", step.label, time.perf_counter() - start)
 
     def batch_key(self, request: EditRequest) -> Hashable:
         """Requests with equal keys can share one transformer batch. With an attention backend

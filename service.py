@@ -108,7 +108,7 @@ class EditService:
                     torch.cuda.set_device(model.device)  # this lane's thread works on its replica's GPU
                 compilation.warm_up(model, engine.warm_up)
                 while len(self.replicas) > 1 and self._warm_up_while_idle(lane):
-                    pass  # replicas compile their LoRA slots now: nothing may compile once they serve
+                    pass  # replicas compile their LoRA slots and batches now: nothing may compile once they serve
             self._all_started.wait()
         except BaseException:
             self._all_started.abort()  # the other lanes stop waiting: the worker is broken
@@ -140,19 +140,19 @@ class EditService:
         log.info("replicas ready: shapes not compiled by now run eagerly")
 
     def _warm_up_while_idle(self, lane: int) -> bool:
-        """The LoRA slots' graphs, one per step, when no job waits; whether more remain."""
+        """The LoRA slots' and batches' graphs, one per step, when no job waits; whether more remain."""
         model = self.replicas[lane].get()
         if not model.compiled:
             return False
         try:
-            more = self.engines[lane].warm_up_slots()
+            more = self.engines[lane].warm_up_idle()
         except Exception as error:  # noqa: BLE001 - compiling failed: serve eagerly, as at start
             if not compilation.is_compile_failure(error):
                 raise
             compilation.fall_back_to_eager(model, error)
             return False
         if not more and lane == 0:
-            startup_clock.mark("LoRA slots compiled")
+            startup_clock.mark("LoRA slots and batch sizes compiled")
             compile_cache.keep(self.settings)
         return more
 

@@ -116,3 +116,36 @@ def test_a_worker_on_the_same_volume_starts_from_the_compile_cache_the_last_one_
     assert results[0]["hits"] == 0
     assert results[1]["hits"] > 0  # restored before compiling: inductor found its graphs compiled
     assert results[0]["image"] == results[1]["image"]
+
+
+def test_after_the_idle_warm_ups_no_batch_size_compiles_on_a_job(tiny_env, tmp_path, monkeypatch):
+    """Dynamo specialises the batch dimension until it has seen two sizes above 1: the idle
+    warm-ups show it those, so the batcher's later batches of any size reuse their graphs."""
+    from torch._dynamo.utils import counters
+
+    from compilation import warm_up
+    from engine import EditEngine, EditRequest
+    from model_loader import ModelHolder
+    from tests.conftest import random_image
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    settings = Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="0", MAX_BATCH_SIZE="4"))
+    holder = ModelHolder(settings)
+    engine = EditEngine(settings, holder.get)
+    warm_up(holder.get(), engine.warm_up)
+    assert engine.warming_up
+    while engine.warm_up_idle():
+        pass
+    image = random_image(64, 64)
+    prompts = ["a", "make it blue please", "make the sky a deep orange sunset with birds", "x y"]
+
+    def edit(prompt: str, images: int = 1) -> EditRequest:
+        return EditRequest(prompt=prompt, images=(image,), seed=1, num_inference_steps=1, true_cfg_scale=1.0,
+                           num_images=images)  # fmt: skip
+
+    graphs = counters["stats"]["unique_graphs"]
+    engine.run_batch([edit(p) for p in prompts])  # 4 texts of unequal length: masked
+    engine.run_batch([edit(p) for p in prompts[1:3]])
+    engine.run_batch([edit(prompts[0], images=2)])  # one request, two images: no mask
+    engine.run_batch([edit("a prompt of yet another length")])
+    assert counters["stats"]["unique_graphs"] == graphs

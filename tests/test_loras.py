@@ -311,7 +311,7 @@ def test_a_compiled_worker_hot_swaps_loras_without_recompiling(tiny_env, tmp_pat
         # The first job of a new shape compiles it for 0, 1 and 2 active slots: then switching LoRAs must not.
         answers = [run(compiled, None, job(loras, seed=40), service=service)[0] for loras in sequence[:3]]
         deadline = time.monotonic() + 120
-        while service.engine.slots_warming and time.monotonic() < deadline:  # compiled while idle
+        while service.engine.warming_up and time.monotonic() < deadline:  # compiled while idle
             time.sleep(0.1)
         graphs = counters["stats"]["unique_graphs"]
         answers += [run(compiled, None, job(loras, seed=40), service=service)[0] for loras in sequence[3:]]
@@ -400,7 +400,7 @@ def test_the_first_job_does_not_wait_for_the_lora_slots_to_compile(tiny_env, tmp
             answer = run(compiled, None, job(seed=41), service=service)[0]
             answered = len(caplog.records)
             deadline = time.monotonic() + 120
-            while service.engine.slots_warming and time.monotonic() < deadline:
+            while service.engine.warming_up and time.monotonic() < deadline:
                 time.sleep(0.1)
         finally:
             service.close()  # lets the idle step that is running finish, and log, first
@@ -410,4 +410,4 @@ def test_the_first_job_does_not_wait_for_the_lora_slots_to_compile(tiny_env, tmp
     assert any("warm-up edit took" in m for m in before)  # the base shape: compiled before the first job
     assert not any("LoRA slots on" in m for m in before)
     assert sum("LoRA slots on" in m for m in after) == 2  # then 1 and 2 active slots, while idle
-    assert any("cold start: LoRA slots compiled" in m for m in after)
+    assert any("cold start: LoRA slots and batch sizes compiled" in m for m in after)
