@@ -75,7 +75,8 @@ class EditService:
         self._start_lock = threading.Lock()
         self._encodes = 0
         # No lane serves before every replica is compiled; then nothing compiles any more.
-        self._all_started = threading.Barrier(len(self.replicas), action=self._freeze_compiled if len(self.replicas) > 1 else None)
+        freeze = self._freeze_compiled if len(self.replicas) > 1 else None
+        self._all_started = threading.Barrier(len(self.replicas), action=freeze)
         self.prompt_budget = PromptBudget(lambda: self.holder.get().pipe)
         # Every image and LoRA of every job the worker holds can download at once: none waits for a thread.
         self.downloads = fetching.downloads_pool(settings.max_concurrency * (settings.max_input_images + settings.max_loras))
