@@ -31,7 +31,9 @@ import math
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -105,6 +107,18 @@ def text_encoder_7b(tokenizer):
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
+@contextmanager
+def built_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Modules constructed inside are created on `device` in `dtype` (random weights, no copy)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_pipeline(device: torch.device = torch.device("cuda")):
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
     from diffusers import QwenImageTransformer2DModel
@@ -117,15 +131,10 @@ def build_pipeline(device: torch.device = torch.device("cuda")):
                                  video_processor=Qwen2VLVideoProcessor())  # fmt: skip
     start = time.perf_counter()
     torch.manual_seed(0)
-    with torch.device(device):
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            transformer = QwenImageTransformer2DModel()  # the defaults are Qwen-Image's real configuration
-            vae = AutoencoderKLQwenImage()
-            text_encoder = text_encoder_7b(tokenizer)
-        finally:
-            torch.set_default_dtype(previous)
+    with built_on(device, torch.bfloat16):
+        transformer = QwenImageTransformer2DModel()  # the defaults are Qwen-Image's real configuration
+        vae = AutoencoderKLQwenImage()
+        text_encoder = text_encoder_7b(tokenizer)
     pipe = QwenImageEditPlusPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG), vae=vae,
         text_encoder=text_encoder.eval(), tokenizer=tokenizer, processor=processor, transformer=transformer.eval(),
@@ -380,8 +389,8 @@ PROFILE_VARIANTS = {
     "bf16": (None, True),  # what the worker runs
     "fp8-all": ((), True),  # every linear of the blocks in fp8 (the worker before the recipe)
     "fp8": (fp8.KEPT_IN_BF16, True),  # the recipe, what the worker runs
-    "fp8+mod": ((".img_mlp.net.2",), True),  # the recipe with the modulation layers in fp8 too
-    "fp8+mlp2": ((".img_mod.1", ".txt_mod.1"), True),  # the recipe with img_mlp.net.2 in fp8 too
+    "fp8+mod": (tuple(k for k in fp8.KEPT_IN_BF16 if not k.endswith("_mod.1")), True),  # and the modulation layers
+    "fp8+mlp2": (tuple(k for k in fp8.KEPT_IN_BF16 if k != ".img_mlp.net.2"), True),  # and img_mlp.net.2 in fp8 too
 }
 
 
@@ -403,13 +412,8 @@ def profile_forwards(variants: list[str], text: int, tiny: bool, out: str) -> No
         from diffusers import QwenImageTransformer2DModel
 
         torch.manual_seed(0)
-        with torch.device(device):
-            previous = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)
-            try:
-                return (QwenImageTransformer2DModel(**TINY_TRANSFORMER) if tiny else QwenImageTransformer2DModel()).eval()
-            finally:
-                torch.set_default_dtype(previous)
+        with built_on(device, dtype):
+            return (QwenImageTransformer2DModel(**TINY_TRANSFORMER) if tiny else QwenImageTransformer2DModel()).eval()
 
     transformer = fresh()
     inputs = forward_profile.forward_inputs(transformer, side, text, device, dtype)
