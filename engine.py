@@ -311,7 +311,7 @@ class EditEngine:
         """Text embeddings, reference latents and noise for one request, as the stock pipeline makes them.
         `device` is the model's: the pipeline's `_execution_device` walks every module of every
         component on each call (15 ms at real size, measured)."""
-        if request.prompts is not None:  # made ahead, on the first replica's GPU
+        if request.prompts is not None:  # made ahead, maybe on another replica's GPU
             embeds, negative = (t if t is None else t.to(device) for t in SideStream.take(request.prompts))
         else:
             embeds, negative = self._encode_prompts(pipe, request, device)

@@ -23,15 +23,22 @@ from config import ConfigError, Settings
 log = logging.getLogger("qwen_edit_worker.gpus")
 
 
+def check_gpu_count(settings: Settings, visible: int | None = None) -> int:
+    """The GPUs visible; a GPU_COUNT above that stops the worker with a sentence."""
+    visible = torch.cuda.device_count() if visible is None else visible
+    wanted = settings.gpu_count
+    if visible and wanted > visible:
+        raise ConfigError(f"GPU_COUNT must be at most the number of GPUs this worker sees ({visible}); got {wanted}.")
+    return visible
+
+
 def replica_devices(settings: Settings, visible: int | None = None) -> list[torch.device]:
     """The device of each replica, in lane order (one entry: no replicas)."""
-    visible = torch.cuda.device_count() if visible is None else visible
+    visible = check_gpu_count(settings, visible)
     mode, wanted = settings.gpu_parallelism, settings.gpu_count
     if visible == 0:
         # No GPU: the device check refuses the real model; the tiny model may be replicated on CPU.
         return [torch.device("cpu")] * ((wanted or 1) if mode == "replicas" else 1)
-    if wanted > visible:
-        raise ConfigError(f"GPU_COUNT must be at most the number of GPUs this worker sees ({visible}); got {wanted}.")
     count = wanted or visible
     if mode == "single" or count == 1:
         return [torch.device("cuda", 0)]

@@ -142,11 +142,11 @@ class EditService:
 
     def _warm_up_while_idle(self, lane: int) -> bool:
         """The LoRA slots' and batches' graphs, one per step, when no job waits; whether more remain."""
-        model = self.replicas[lane].get()
-        if not model.compiled:
+        model, engine = self.replicas[lane].get(), self.engines[lane]
+        if not (model.compiled and engine.warming_up):  # replicas ran theirs at start: nothing to mark again
             return False
         try:
-            more = self.engines[lane].warm_up_idle()
+            more = engine.warm_up_idle()
         except Exception as error:  # noqa: BLE001 - compiling failed: serve eagerly, as at start
             if not compilation.is_compile_failure(error):
                 raise

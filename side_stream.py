@@ -99,7 +99,9 @@ class SideStream:
         with torch.inference_mode(), FENCE.calls():
             if device.type != "cuda":
                 return fn(*args)
-            stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device)
             with torch.cuda.stream(stream):
                 result = fn(*args)
             stream.synchronize()

@@ -24,7 +24,7 @@ def run(settings: Settings) -> None:
     check_save_output_dir(settings)
     check_bucket(settings)
     schema.default_loras(settings)  # LORAS entries are valid LoRA entries (fetched at start)
-    gpus.replica_devices(settings)  # GPU_COUNT no larger than the GPUs this worker sees
+    gpus.check_gpu_count(settings)
 
 
 def check_save_output_dir(settings: Settings) -> None:
