@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 TINY_MODEL_ID = "tiny-random"
 PRECISION_MODES = ("bf16", "8bit", "4bit", "fp8")
@@ -130,7 +130,7 @@ class Settings:
             lightning_repo=env.text("LIGHTNING_REPO", cls.lightning_repo),
             lightning_weight_name=env.text("LIGHTNING_WEIGHT_NAME", default_lightning_weight(steps)),
             cpu_offload=env.choice("CPU_OFFLOAD", cls.cpu_offload, OFFLOAD_MODES),
-            attention_backend=env.choice("ATTENTION_BACKEND", cls.attention_backend, attention_backends()),
+            attention_backend=env.choice("ATTENTION_BACKEND", cls.attention_backend, attention_backends),
             vae_tiling=env.boolean("VAE_TILING", cls.vae_tiling),
             vae_slicing=env.boolean("VAE_SLICING", cls.vae_slicing),
             reference_image_area=env.integer("REFERENCE_IMAGE_AREA", reference_default, 64 * 64, 2048 * 2048),
@@ -249,7 +249,11 @@ def variable_specs() -> dict[str, "VariableSpec"]:
 class VariableSpec:
     kind: str  # "string", "boolean" or "number", as RunPod's Hub names input types
     default: object
-    options: tuple = ()  # the values allowed, for a choice
+    choices: tuple | Callable[[], tuple] = ()  # the values allowed, for a choice (a callable: looked up when asked)
+
+    @property
+    def options(self) -> tuple:
+        return self.choices() if callable(self.choices) else self.choices
 
 
 def default_lightning_weight(steps: int) -> str:
@@ -267,7 +271,7 @@ class _Env:
     def names(self) -> list[str]:
         return list(self.specs)
 
-    def _raw(self, name: str, kind: str = "string", default: object = "", options: tuple = ()) -> str | None:
+    def _raw(self, name: str, kind: str = "string", default: object = "", options: tuple | Callable[[], tuple] = ()) -> str | None:
         self.specs[name] = VariableSpec(kind, default, options)
         value = self._environ.get(name)
         return None if value is None or value.strip() == "" else value.strip()
@@ -307,10 +311,13 @@ class _Env:
             return raw.lower() in _TRUE
         raise ConfigError(f"{name} must be auto, true or false (also 1/0, yes/no, on/off); got {raw!r}.")
 
-    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+    def choice(self, name: str, default: str, allowed: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> str:
+        """`allowed` may be a callable, asked only when the variable is set (ATTENTION_BACKEND's
+        list comes from diffusers, which the worker must not import before its prefetch starts)."""
         raw = self._raw(name, "string", default, allowed)
         if raw is None:
             return default
+        allowed = allowed() if callable(allowed) else allowed
         if raw.lower() not in allowed:
             raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {raw!r}.")
         return raw.lower()

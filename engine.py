@@ -121,18 +121,25 @@ def _dimensions(area: int, image: Image.Image) -> tuple[int, int]:
 
 
 WARM_UP_PROMPTS = ("warm up", "warm up the compiled transformer with a somewhat longer prompt")
+# Before the text encoder is loaded, random prompt embeddings of these lengths stand in for
+# the prompts (about what a prompt and one image's vision tokens make; any two lengths do).
+WARM_UP_TEXT_TOKENS = (200, 231)
 
 
 @dataclass(frozen=True)
 class _WarmUp:
-    """One warm-up edit: a request per prompt, each of `images` images, with `slots` LoRA slots on."""
+    """One warm-up edit: a request per prompt, each of `images` images, with `slots` LoRA slots
+    on; with `text_tokens`, random prompt embeddings that long instead of encoded prompts."""
 
     prompts: tuple[str, ...] = WARM_UP_PROMPTS[:1]
     images: int = 1
     slots: int = 0
+    text_tokens: int | None = None
 
     @property
     def label(self) -> str:
+        if self.text_tokens:
+            return f" (random prompt embeddings of {self.text_tokens} tokens)"
         if self.slots:
             return f" ({self.slots} LoRA slots on)"
         batch = len(self.prompts) * self.images
@@ -145,6 +152,7 @@ class EditEngine:
         self._model = model
         self.default_output_area = settings.reference_image_area if settings.is_tiny else DEFAULT_OUTPUT_AREA
         self._idle_warm_ups: list[_WarmUp] = []
+        self._compiled_ahead = False
         self._prompt_side = SideStream("prompt-encoder")
         self._prompt_lock = threading.Lock()  # one prompt encoding at a time: the tokenizer is not thread-safe
 
@@ -174,10 +182,19 @@ class EditEngine:
         dynamic-shape graph. What can wait is compiled afterwards, while the GPU is idle
         (`warm_up_idle`): the graphs for 1 to `MAX_LORAS` active LoRA slots, then batches."""
         model = self._model()
-        for prompt in WARM_UP_PROMPTS:
+        # After `compile_ahead` one edit is left to do: the text encoder's and the VAE's first run.
+        for prompt in WARM_UP_PROMPTS[:1] if self._compiled_ahead else WARM_UP_PROMPTS:
             self._warm_up_edit(model, _WarmUp(prompts=(prompt,)))
         slots = [_WarmUp(slots=count) for count in range(1, len(model.lora_slots) + 1)]
         self._idle_warm_ups = slots + self._batch_warm_ups()
+
+    def compile_ahead(self, model: LoadedModel) -> None:
+        """`warm_up`'s compiling, on a model whose text encoder is not loaded yet (`model_loader`
+        loads it afterwards, while the weights are still coming from disk): the same edits
+        with random prompt embeddings of two lengths, which give the same graphs."""
+        for tokens in WARM_UP_TEXT_TOKENS:
+            self._warm_up_edit(model, _WarmUp(text_tokens=tokens))
+        self._compiled_ahead = True
 
     def _batch_warm_ups(self) -> list[_WarmUp]:
         """Batches of 2 and then 3 requests (texts of unequal length, padded and masked, where
@@ -212,7 +229,8 @@ class EditEngine:
         side = round_to_multiple(int(self.default_output_area**0.5))
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
         edits = [EditRequest(prompt=prompt, images=(image,), seed=0, num_inference_steps=1, num_images=step.images,
-                             true_cfg_scale=self._settings.default_true_cfg_scale, width=side, height=side)
+                             true_cfg_scale=self._settings.default_true_cfg_scale, width=side, height=side,
+                             prompts=_random_prompts(model, step.text_tokens) if step.text_tokens else None)
                  for prompt in step.prompts]  # fmt: skip
         adapters = self._adapters(model)
         start = time.perf_counter()
@@ -398,6 +416,15 @@ class EditEngine:
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(view).to(latents.device, latents.dtype)
         pixels = vae.decode(latents / inverse_std + mean, return_dict=False)[0][:, :, 0]
         return pipe.image_processor.postprocess(pixels, output_type="np")
+
+
+def _random_prompts(model: LoadedModel, tokens: int) -> Future:
+    """Prompt embeddings (and a shorter negative one, for CFG) shaped as the text encoder makes them, ready."""
+    width = model.pipe.transformer.config.joint_attention_dim
+    embeds = [torch.randn(1, n, width, device=model.device, dtype=model.dtype) for n in (tokens, tokens - 9)]
+    ready: Future = Future()
+    ready.set_result(tuple(embeds))
+    return ready
 
 
 def condition_size(image: Image.Image) -> tuple[int, int]:

@@ -12,21 +12,12 @@ import os
 import signal
 import sys
 
-import runpod
-from runpod.serverless.modules.worker_state import IS_LOCAL_TEST
-
-import compile_cache
-import model_loader
+import model_files
 import prefetch
-import sdk_guards
-import startup_checks
 import startup_clock
 from config import ConfigError, Settings
 
-sdk_guards.install()  # a job holding a huge integer must not lose the jobs taken with it
-
 log = logging.getLogger("qwen_edit_worker")
-
 
 
 def _exit(code: int, message: str | None = None) -> None:
@@ -57,6 +48,21 @@ except ConfigError as config_error:
     if __name__ != "__main__":
         raise
     _exit(1, f"qwen-edit-worker: invalid configuration: {config_error}")
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The weights start coming into memory now, while the heavy imports below (runpod, torch,
+    # transformers, diffusers: 20-40 s on a cold disk) run.
+    prefetch.start(model_files.local_model_path(SETTINGS), model_files.local_lora_path(SETTINGS))
+
+import runpod  # noqa: E402 - after the prefetch started
+from runpod.serverless.modules.worker_state import IS_LOCAL_TEST  # noqa: E402
+
+import compile_cache  # noqa: E402
+import sdk_guards  # noqa: E402
+import startup_checks  # noqa: E402
+
+sdk_guards.install()  # a job holding a huge integer must not lose the jobs taken with it
 
 _service = None
 
@@ -113,8 +119,6 @@ def _serve() -> int:
     # Until RunPod's JobScaler installs its handler, SIGTERM (from RunPod, or from `_retire`
     # when the model fails to load early) stops the start-up instead of killing the process.
     signal.signal(signal.SIGTERM, _stop_before_serving)
-    # The weights start coming into memory while the worker imports its libraries.
-    prefetch.start(model_loader.local_model_path(SETTINGS))
     try:
         startup_checks.run(SETTINGS)  # a folder or bucket that cannot be used stops the worker here
     except ConfigError as unusable:
@@ -133,7 +137,6 @@ def _serve() -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     exit_code = _serve()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the drain
     service = _get_service()

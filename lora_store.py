@@ -25,6 +25,7 @@ from pathlib import Path
 
 import fetching
 from config import RUNPOD_HF_CACHE, Settings
+from model_files import find_in_caches
 from schema import InputError, LoraInput
 
 log = logging.getLogger("qwen_edit_worker.lora_store")
@@ -180,8 +181,6 @@ class LoraStore:
     def _from_hub(self, lora: LoraInput, subject: str) -> Path:
         """A repo's file: from RunPod's model cache or the Hugging Face cache, else downloaded."""
         from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
-
-        from model_loader import find_in_caches  # here: model_loader imports this module's users
 
         weight_name = lora.weight_name or self._only_safetensors(lora.path, subject)
 

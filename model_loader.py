@@ -8,18 +8,18 @@ logged with how long it took.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
-import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 import torch
 
+import compilation
 import compile_cache
 import fp8
 import rope_attention
@@ -28,7 +28,8 @@ from config import Settings
 from devices import check_precision_supported, resolve_device_and_dtype
 from adapters import prepare_slots
 from loras import load_lora
-from startup_clock import seconds_since_start
+from model_files import resolve_lora_path, resolve_model_path
+from startup_clock import timed
 
 log = logging.getLogger("qwen_edit_worker.model")
 
@@ -77,86 +78,6 @@ class LoadedModel:
     lora_rank: int = 0
 
 
-@contextmanager
-def _timed(what: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    log.info("%s took %.2f s (done %.1f s after the process started)", what, time.perf_counter() - start,
-             seconds_since_start())  # fmt: skip
-
-
-def find_in_caches(fetch, cache_dirs: list[str | None], what: str) -> str | None:
-    """Look in each cache without the network (None: the standard Hugging Face cache)."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    for cache_dir in cache_dirs:
-        try:
-            path = fetch(cache_dir=cache_dir, local_files_only=True)
-        except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-            continue
-        log.info("%s found in cache %s", what, cache_dir or "(default Hugging Face cache)")
-        return path
-    return None
-
-
-def _from_caches(fetch, cache_dirs: list[str | None], what: str) -> str:
-    """Look in each cache without the network; download into the first one if none has it."""
-    found = find_in_caches(fetch, cache_dirs, what)
-    if found is not None:
-        return found
-    with _timed(f"downloading {what} into {cache_dirs[0]}"):
-        return fetch(cache_dir=cache_dirs[0], local_files_only=False)
-
-
-def _cache_dirs(settings: Settings) -> list[str | None]:
-    # MODEL_DIR first (it is also where downloads go), then RunPod's model cache, then the
-    # standard Hugging Face cache (None lets huggingface_hub resolve HF_HOME/HF_HUB_CACHE).
-    return [settings.model_dir, *settings.hf_cache_dirs, None]
-
-
-def resolve_model_path(settings: Settings) -> str:
-    if settings.is_tiny:
-        from tiny_model import ensure_tiny_model
-
-        with _timed("building the tiny random model"):
-            return str(ensure_tiny_model(settings.model_dir) / "pipeline")
-    return _saved_pipeline(settings) or _from_caches(_model_snapshot(settings), _cache_dirs(settings), settings.model_id)
-
-
-def local_model_path(settings: Settings) -> str | None:
-    """The model's directory if it is on disk already (nothing is downloaded); None otherwise."""
-    if settings.is_tiny:
-        return None
-    return _saved_pipeline(settings) or find_in_caches(_model_snapshot(settings), _cache_dirs(settings), settings.model_id)
-
-
-def _saved_pipeline(settings: Settings) -> str | None:
-    """MODEL_ID itself, when it names a directory holding a pipeline saved by diffusers."""
-    return settings.model_id if Path(settings.model_id, "model_index.json").is_file() else None
-
-
-def _model_snapshot(settings: Settings):
-    from huggingface_hub import snapshot_download
-
-    def fetch(**kwargs):
-        return snapshot_download(settings.model_id, **kwargs)
-
-    return fetch
-
-
-def resolve_lora_path(settings: Settings) -> str:
-    if settings.is_tiny:
-        from tiny_model import ensure_tiny_model
-
-        return str(ensure_tiny_model(settings.model_dir) / "lightning-lora.safetensors")
-    from huggingface_hub import hf_hub_download
-
-    def fetch(**kwargs):
-        return hf_hub_download(settings.lightning_repo, settings.lightning_weight_name, **kwargs)
-
-    return _from_caches(fetch, _cache_dirs(settings), f"{settings.lightning_repo}/{settings.lightning_weight_name}")
-
-
 def quantization_config(
     settings: Settings, dtype: torch.dtype, cpu_offload_int8: bool = False, components=QUANTIZED_COMPONENTS
 ):
@@ -181,22 +102,36 @@ def quantization_config(
     return PipelineQuantizationConfig(quant_mapping={name: mapping[name] for name in components})
 
 
-def _load_pipeline(settings: Settings, path: str, dtype: torch.dtype, onto: torch.device | None = None):
-    """The pipeline from `path`; with `onto`, every weight is read straight onto that device
-    (diffusers' `device_map`) instead of into CPU memory first."""
+def _load_pipeline(settings: Settings, path: str, dtype: torch.dtype):
+    """The whole pipeline from `path` into CPU memory (bitsandbytes places its quantized layers
+    on the GPU as it loads them): for offload and the quantized modes."""
     from diffusers import QwenImageEditPlusPipeline
 
     quant = quantization_config(settings, dtype)
-    # diffusers takes "cuda", not "cuda:1": the weights go to the thread's current device (load_model sets it).
-    where = {"device_map": onto.type} if onto is not None else {}
     try:
-        with _timed(f"loading the pipeline ({settings.precision_mode}) from {path}" + (f" onto {onto}" if onto else "")):
-            return QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, quantization_config=quant, **where)
+        with timed(log, f"loading the pipeline ({settings.precision_mode}) from {path}"):
+            return QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, quantization_config=quant)
     except (torch.OutOfMemoryError, ValueError) as error:
         if settings.precision_mode != "8bit" or not _is_fit_error(error):
             raise
         log.warning("8-bit weights do not fit the GPU (%s): retrying with fp32 CPU offload", error)
     return _load_8bit_with_cpu_offload(settings, path, dtype)
+
+
+# Loaded after the rest when the weights go straight onto the device (`_load_staged`).
+TEXT_PARTS = ("text_encoder", "tokenizer", "processor")
+
+
+def _load_onto(path: str, dtype: torch.dtype, onto: torch.device, what: str, **components):
+    """The pipeline with every weight read straight onto `onto` (diffusers' `device_map`)
+    instead of into CPU memory first; `components` given (None: left out) are not loaded."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    # diffusers takes "cuda", not "cuda:1": the weights go to the thread's current device (load_model sets it).
+    with timed(log, f"loading {what} from {path} onto {onto}"):
+        pipe = QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, device_map=onto.type, **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _is_fit_error(error: Exception) -> bool:
@@ -211,7 +146,7 @@ def _load_8bit_with_cpu_offload(settings: Settings, path: str, dtype: torch.dtyp
     if gpu_budget is None:
         gpu_budget = int(torch.cuda.mem_get_info()[0] * FIT_FRACTION)
     quant = quantization_config(settings, dtype, cpu_offload_int8=True).quant_mapping
-    with _timed("loading the 8-bit transformer with a CPU-offload device map"):
+    with timed(log, "loading the 8-bit transformer with a CPU-offload device map"):
         transformer = QwenImageTransformer2DModel.from_pretrained(
             path,
             subfolder="transformer",
@@ -222,7 +157,7 @@ def _load_8bit_with_cpu_offload(settings: Settings, path: str, dtype: torch.dtyp
         )
     # The text encoder is quantized too (8.3B parameters: 16.6 GB in bf16, half in 8-bit).
     rest = quantization_config(settings, dtype, cpu_offload_int8=True, components=("text_encoder",))
-    with _timed("loading the rest of the pipeline (8-bit text encoder)"):
+    with timed(log, "loading the rest of the pipeline (8-bit text encoder)"):
         return QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, transformer=transformer, quantization_config=rest)
 
 
@@ -230,12 +165,12 @@ def _load_lightning(pipe, settings: Settings, quantized: bool) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     lora = Path(resolve_lora_path(settings))
-    with _timed(f"loading the Lightning LoRA {lora.name}"):
+    with timed(log, f"loading the Lightning LoRA {lora.name}"):
         load_lora(pipe, lora, "lightning")
     if quantized:
         log.info("Lightning stays an unfused adapter: the base weights are quantized")
     else:
-        with _timed("fusing the Lightning LoRA into the transformer"):
+        with timed(log, "fusing the Lightning LoRA into the transformer"):
             pipe.fuse_lora(lora_scale=1.0)
             pipe.unload_lora_weights()
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)
@@ -296,7 +231,7 @@ def _on_cpu(module) -> bool:
 
 
 def _place(pipe, offload: str, device: torch.device, quantized: bool) -> None:
-    with _timed(f"placing the pipeline (offload: {offload})"):
+    with timed(log, f"placing the pipeline (offload: {offload})"):
         if offload == "model":
             pipe.enable_model_cpu_offload()
         elif offload == "sequential":
@@ -310,7 +245,7 @@ def _place(pipe, offload: str, device: torch.device, quantized: bool) -> None:
 
 def _apply_memory_options(pipe, settings: Settings) -> None:
     if settings.attention_backend != "native":
-        with _timed(f"attention backend {settings.attention_backend}"):
+        with timed(log, f"attention backend {settings.attention_backend}"):
             pipe.transformer.set_attention_backend(settings.attention_backend)
     if settings.vae_tiling:
         pipe.vae.enable_tiling()
@@ -320,26 +255,55 @@ def _apply_memory_options(pipe, settings: Settings) -> None:
         log.info("VAE slicing on")
 
 
-def load_model(settings: Settings, device: torch.device | None = None, replica: int = 0) -> LoadedModel:
+def load_model(
+    settings: Settings,
+    device: torch.device | None = None,
+    replica: int = 0,
+    compile_ahead: Callable[[LoadedModel], None] | None = None,
+) -> LoadedModel:
     """The pipeline on `device` (default: the GPU, or the CPU for the tiny model). Replicas
-    after the first find the compile cache the first one restored."""
+    after the first find the compile cache the first one restored. `compile_ahead`: the
+    compile warm-up, run before the text encoder is loaded (`_load_staged`)."""
     default_device, dtype = resolve_device_and_dtype(settings)
     device = device or default_device
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # this thread's current GPU: where device_map="cuda" loads
     check_precision_supported(settings, device)
-    bnb_quantized = settings.uses_bitsandbytes
     restoring = compile_cache.restore(settings) if settings.compile_transformer is not False and replica == 0 else None
     path = resolve_model_path(settings)
-    if bnb_quantized:  # bitsandbytes decides where its quantized layers go as it loads them
+    if settings.uses_bitsandbytes:  # bitsandbytes decides where its quantized layers go as it loads them
         pipe = _load_pipeline(settings, path, dtype)
         offload = choose_offload(settings, _unplaced_bytes(pipe), device)
-    else:
-        # Decided from the files' headers, so that weights that fit are read straight onto the
-        # GPU, and the Lightning LoRA is fused there, instead of on the CPU and then copied.
-        offload = choose_offload(settings, planned_bytes(path, dtype), device)
-        pipe = _load_pipeline(settings, path, dtype, onto=device if offload == "none" else None)
+        return _prepared(settings, pipe, device, dtype, offload, restoring)
+    # Decided from the files' headers, so that weights that fit are read straight onto the
+    # GPU, and the Lightning LoRA is fused there, instead of on the CPU and then copied.
+    offload = choose_offload(settings, planned_bytes(path, dtype), device)
+    if offload == "none":
+        return _load_staged(settings, path, device, dtype, restoring, compile_ahead)
+    pipe = _load_pipeline(settings, path, dtype)
+    return _prepared(settings, pipe, device, dtype, offload, restoring)
+
+
+def _load_staged(settings: Settings, path: str, device: torch.device, dtype: torch.dtype, restoring,
+                 compile_ahead: Callable[[LoadedModel], None] | None) -> LoadedModel:  # fmt: skip
+    """Weights that fit, straight onto `device`, in two steps. First the transformer and the
+    VAE: Lightning fused, fp8, LoRA slots, and compiled by `compile_ahead` (warm-up edits with
+    random prompt embeddings). Then the text encoder (16.6 GB of the 58), which `prefetch` has
+    been reading from disk while the compile ran, instead of the compile waiting for it."""
+    pipe = _load_onto(path, dtype, device, "the transformer and the VAE", **dict.fromkeys(TEXT_PARTS))
+    model = _prepared(settings, pipe, device, dtype, "none", restoring)
+    if compile_ahead is not None and model.compiled:
+        with timed(log, "compiling before the text encoder loads"):
+            compilation.warm_up(model, functools.partial(compile_ahead, model))
+    given = {name: part for name, part in pipe.components.items() if name not in TEXT_PARTS}
+    model.pipe = _load_onto(path, dtype, device, "the text encoder", **given)
+    return model
+
+
+def _prepared(settings: Settings, pipe, device: torch.device, dtype: torch.dtype, offload: str, restoring) -> LoadedModel:
+    """`pipe` made ready to serve: Lightning fused, placed, fp8, LoRA slots, set up to compile."""
     pipe.set_progress_bar_config(disable=True)
+    bnb_quantized = settings.uses_bitsandbytes
     if settings.use_lightning_lora:
         _load_lightning(pipe, settings, bnb_quantized)
     _place(pipe, offload, device, bnb_quantized)
@@ -351,7 +315,7 @@ def load_model(settings: Settings, device: torch.device | None = None, replica: 
     slots: tuple[str, ...] = ()
     if compiled and settings.max_loras > 0 and settings.precision_mode != "fp8":
         # Before compiling: per-request LoRAs are then hot-swapped without recompiling.
-        with _timed("preparing LoRA slots"):
+        with timed(log, "preparing LoRA slots"):
             slots = prepare_slots(pipe, settings.max_loras, settings.max_lora_rank)
     if restoring is not None:
         restoring.join()  # the mirrored compile cache, copied while the weights loaded
@@ -370,10 +334,12 @@ def load_model(settings: Settings, device: torch.device | None = None, replica: 
 class ModelHolder:
     """Loads the model on first use, once, whichever thread asks first."""
 
-    def __init__(self, settings: Settings, device: torch.device | None = None, replica: int = 0):
+    def __init__(self, settings: Settings, device: torch.device | None = None, replica: int = 0,
+                 compile_ahead: Callable[[LoadedModel], None] | None = None):  # fmt: skip
         self._settings = settings
         self.device = device
         self.replica = replica
+        self._compile_ahead = compile_ahead
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
         self._error: BaseException | None = None
@@ -384,8 +350,8 @@ class ModelHolder:
                 raise RuntimeError(f"the model failed to load: {self._error}") from self._error
             if self._model is None:
                 try:
-                    with _timed("loading the model" + (f" onto {self.device}" if self.replica else "")):
-                        self._model = load_model(self._settings, self.device, self.replica)
+                    with timed(log, "loading the model" + (f" onto {self.device}" if self.replica else "")):
+                        self._model = load_model(self._settings, self.device, self.replica, self._compile_ahead)
                 except BaseException as error:
                     self._error = error
                     raise

@@ -2,10 +2,13 @@
 
 A cold worker spends its first 20 s or so importing torch, transformers and diffusers before
 it can read a single weight, and then reads ~58 GB. Reading the files from a background
-thread at process start overlaps the two: by the time `from_pretrained` asks for the weights,
-much of them is in memory. Only the model already on disk is read (nothing is downloaded
-here), and only when the machine has the memory to keep it cached; otherwise the reads would
-evict each other and cost disk bandwidth for nothing.
+thread from the process's first moment (`handler.py` starts it before importing torch)
+overlaps the two: by the time `from_pretrained` asks for the weights, much of them is in
+memory. The files are read in the order the loader needs them (`model_loader`: the
+transformer, the VAE and the Lightning LoRA, which are compiled while the text encoder is
+still being read). Only files already on disk are read (nothing is downloaded here), and only
+when the machine has the memory to keep them cached; otherwise the reads would evict each
+other and cost disk bandwidth for nothing.
 """
 
 from __future__ import annotations
@@ -21,8 +24,20 @@ CHUNK = 16 << 20
 HEADROOM = 1.2  # the files must fit in available memory this many times over
 
 
-def weight_files(model_path: str) -> list[Path]:
-    return sorted(Path(model_path).glob("*/*.safetensors"))
+LOAD_ORDER = ("transformer", "vae", "lightning", "text_encoder")
+
+
+def weight_files(model_path: str, lightning: str | None = None) -> list[Path]:
+    """The pipeline's weight files (and the Lightning file), in `LOAD_ORDER`."""
+    files = sorted(Path(model_path).glob("*/*.safetensors"))
+    if lightning is not None:
+        files.append(Path(lightning))
+
+    def rank(file: Path) -> int:
+        part = "lightning" if file == Path(lightning or "") else file.parent.name
+        return LOAD_ORDER.index(part) if part in LOAD_ORDER else len(LOAD_ORDER)
+
+    return sorted(files, key=rank)  # stable: a component's shards stay in order
 
 
 def available_memory() -> int:
@@ -47,12 +62,12 @@ def read_all(files: list[Path]) -> int:
     return total
 
 
-def start(model_path: str | None, memory: int | None = None) -> threading.Thread | None:
-    """Start reading `model_path`'s weights in a daemon thread; None when there is nothing to
-    read or not enough memory to keep it."""
+def start(model_path: str | None, lightning: str | None = None, memory: int | None = None) -> threading.Thread | None:
+    """Start reading `model_path`'s weights (and the `lightning` file) in a daemon thread; None
+    when there is nothing to read or not enough memory to keep it."""
     if model_path is None:
         return None
-    files = weight_files(model_path)
+    files = weight_files(model_path, lightning)
     size = sum(file.stat().st_size for file in files)
     memory = available_memory() if memory is None else memory
     if not files or size * HEADROOM > memory:

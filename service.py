@@ -66,7 +66,9 @@ class EditService:
         self.settings = settings
         if replicas is None:
             devices = gpus.replica_devices(settings)
-            replicas = [holder] if holder is not None else [ModelHolder(settings, d, n) for n, d in enumerate(devices)]
+            replicas = [holder] if holder is not None else [
+                ModelHolder(settings, d, n, compile_ahead=functools.partial(self._compile_ahead, n)) for n, d in enumerate(devices)
+            ]  # fmt: skip
         self.replicas = list(replicas)
         self.holder = self.replicas[0]
         # One engine per replica; the first also decides batch keys and encodes prompts ahead.
@@ -130,6 +132,10 @@ class EditService:
         that with N GPUs N prompts are encoded at once (any replica's embeddings serve any GPU)."""
         self._encodes += 1
         return self.engines[self._encodes % len(self.engines)]
+
+    def _compile_ahead(self, lane: int, model) -> None:
+        """The replica's compile warm-up, while its text encoder is still to load (`model_loader`)."""
+        self.engines[lane].compile_ahead(model)
 
     @staticmethod
     def _freeze_compiled() -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 log = logging.getLogger("qwen_edit_worker.startup")
 
@@ -27,3 +29,12 @@ def seconds_since_start() -> float:
 
 def mark(stage: str) -> None:
     log.info("cold start: %s, %.1f s after the process started", stage, seconds_since_start())
+
+
+@contextmanager
+def timed(logger: logging.Logger, what: str) -> Iterator[None]:
+    """Log how long the block took and when it ended after the process started."""
+    start = time.perf_counter()
+    yield
+    logger.info("%s took %.2f s (done %.1f s after the process started)", what, time.perf_counter() - start,
+                seconds_since_start())  # fmt: skip

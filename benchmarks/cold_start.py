@@ -106,14 +106,15 @@ def child() -> None:
     worker_log = logging.getLogger("qwen_edit_worker")  # the worker's loggers, prefetch's included
     worker_log.setLevel(logging.INFO)
     worker_log.addHandler(Stages())
-    # What handler.py does before serving (runpod itself is not installed on the GPU machine).
-    import model_loader
+    # What handler.py does before serving (runpod itself is not installed on the GPU machine):
+    # the prefetch starts before torch is imported.
+    import model_files
     import prefetch
     from config import Settings
 
     settings = Settings.from_env()
-    records.append((round(startup_clock.seconds_since_start(), 1), "torch and the loader imported"))
-    prefetch.start(model_loader.local_model_path(settings))
+    prefetch.start(model_files.local_model_path(settings), model_files.local_lora_path(settings))
+    records.append((round(startup_clock.seconds_since_start(), 1), "prefetch started"))
     import asyncio
 
     from gpu_speed import input_png

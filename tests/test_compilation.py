@@ -53,6 +53,7 @@ def test_with_a_compiler_the_transformer_is_compiled_and_matches_eager(tiny_env,
     log, pixels = run_job(env, tmp_path, "compiled")
     assert FALLBACK not in log
     assert "warm-up edit took" in log and any((tmp_path / "inductor").iterdir())
+    assert "compiling before the text encoder loads took" in log  # the service asks the loader to
     assert np.abs(pixels - eager_pixels).max() <= 1  # float32 kernels fused differently: at most 1/255
 
 
@@ -149,3 +150,36 @@ def test_after_the_idle_warm_ups_no_batch_size_compiles_on_a_job(tiny_env, tmp_p
     engine.run_batch([edit(prompts[0], images=2)])  # one request, two images: no mask
     engine.run_batch([edit("a prompt of yet another length")])
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_transformer_compiles_before_the_text_encoder_loads_and_the_warm_up_adds_no_graph(tiny_env, tmp_path,
+                                                                                               monkeypatch):  # fmt: skip
+    """On a cold worker the compile overlaps with reading the text encoder's 16.6 GB: the loader
+    compiles with random prompt embeddings first, and those graphs serve the real prompts."""
+    import math
+
+    from torch._dynamo.utils import counters
+
+    from compilation import warm_up
+    from engine import EditEngine
+    from model_loader import ModelHolder
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    settings = Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="1", USE_LIGHTNING_LORA="true"))
+    seen = {}
+
+    def compile_ahead(model):
+        seen["text encoder"], seen["transformer"] = model.pipe.text_encoder, model.pipe.transformer
+        engine.compile_ahead(model)
+        seen["graphs"] = counters["stats"]["unique_graphs"]
+
+    holder = ModelHolder(settings, compile_ahead=compile_ahead)
+    engine = EditEngine(settings, holder.get)
+    before = counters["stats"]["unique_graphs"]
+    model = holder.get()
+    assert seen["text encoder"] is None and model.pipe.text_encoder is not None  # loaded after the compile
+    assert seen["transformer"] is model.pipe.transformer and model.compiled and model.lora_slots
+    assert seen["graphs"] > before
+    assert math.isclose(model.pipe.scheduler.config.base_shift, math.log(3))  # Lightning's scheduler carried over
+    warm_up(model, engine.warm_up)
+    assert counters["stats"]["unique_graphs"] == seen["graphs"]  # the real prompts' lengths reuse those graphs

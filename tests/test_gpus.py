@@ -15,7 +15,6 @@ import torch
 
 import gpus
 from config import ConfigError, Settings
-from model_loader import ModelHolder
 from service import EditService
 from tests.test_handler import SAMPLE, decoded
 from tests.test_runpod_worker import good_job, pixels, start_worker, stop_worker, standin  # noqa: F401

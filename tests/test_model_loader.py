@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
 
+import model_files
 import model_loader
 from config import Settings
 from model_loader import LIGHTNING_SCHEDULER_CONFIG, ModelHolder, load_model
@@ -138,6 +139,9 @@ def test_lora_is_found_in_model_dir_before_any_download(tmp_path, tiny_settings)
         {"MODEL_DIR": str(cache), "LIGHTNING_REPO": "acme/lightning", "LIGHTNING_WEIGHT_NAME": weight}
     )
     assert model_loader.resolve_lora_path(settings) == str(target)
+    assert model_files.local_lora_path(settings) == str(target)  # what the prefetch reads at process start
+    absent = dataclasses.replace(settings, model_dir=str(tmp_path / "empty"), hf_cache_dirs=())
+    assert model_files.local_lora_path(absent) is None  # not on disk: looked up, never downloaded
 
 
 def test_fp8_needs_a_float8_gpu(tmp_path):
