@@ -53,8 +53,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The weights start coming into memory now, while the heavy imports below (runpod, torch,
     # transformers, diffusers: 20-40 s on a cold disk) run.
-    prefetch.start(model_files.local_model_path(SETTINGS), model_files.local_lora_path(SETTINGS),
-                   prefetch.libraries(SETTINGS.precision_mode))
+    prefetch.start(model_files.local_model_path(SETTINGS), model_files.local_lora_path(SETTINGS))
 
 import runpod  # noqa: E402 - after the prefetch started
 from runpod.serverless.modules.worker_state import IS_LOCAL_TEST  # noqa: E402

@@ -113,8 +113,7 @@ def child() -> None:
     from config import Settings
 
     settings = Settings.from_env()
-    prefetch.start(model_files.local_model_path(settings), model_files.local_lora_path(settings),
-                   prefetch.libraries(settings.precision_mode))
+    prefetch.start(model_files.local_model_path(settings), model_files.local_lora_path(settings))
     records.append((round(startup_clock.seconds_since_start(), 1), "prefetch started"))
     import asyncio
 
