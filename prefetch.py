@@ -20,7 +20,10 @@ from pathlib import Path
 
 log = logging.getLogger("qwen_edit_worker.prefetch")
 
-CHUNK = 16 << 20
+# Small reads: the imports' own small reads then get their turn at the disk. With 16 MiB reads
+# a cold worker's imports took 40-51 s instead of 24 s alone; with 128 KiB, 27-32 s, and the
+# read ended 2-5 s later (H200, `benchmarks/import_contention.py`).
+CHUNK = 128 << 10
 HEADROOM = 1.2  # the files must fit in available memory this many times over
 
 
@@ -52,8 +55,9 @@ def available_memory() -> int:
     return 0
 
 
-def read_all(files: list[Path]) -> int:
-    buffer = bytearray(CHUNK)
+def read_all(files: list[Path], chunk: int | None = None) -> int:
+    """Read every byte of `files` once, `chunk` bytes at a time (default `CHUNK`); the bytes read."""
+    buffer = bytearray(chunk or CHUNK)
     total = 0
     for file in files:
         with open(file, "rb", buffering=0) as stream:

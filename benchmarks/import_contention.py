@@ -1,0 +1,98 @@
+"""How long a cold worker's imports take while its weights are read from the same disk.
+
+    python3 benchmarks/import_contention.py --dir /tmp/contention --size-gb 40 --trials alone,weights,libraries
+
+Writes one file of --size-gb once (the weights' stand-in). Each trial drops the page cache and
+starts a fresh process that imports what the worker imports before it loads (torch,
+transformers, diffusers' pipeline), with, in the background:
+- `alone`: nothing (the imports on a cold disk by themselves);
+- `weights`: the file read as `prefetch` reads the weights (what the worker does);
+- `libraries`: first the shared libraries the imports map (torch's and the CUDA wheels' `lib`
+  folders, files over 1 MB), then the file;
+- `weights-K`: the file read in chunks of K KiB instead of `prefetch.CHUNK` (`weights-16384`:
+  the 16 MiB reads the prefetch made before).
+It prints when the imports ended and when the read ended, in seconds after the process started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import prefetch  # noqa: E402
+
+CHILD = """
+import json, sys, threading, time
+sys.path.insert(0, {root!r})
+import prefetch, startup_clock
+from pathlib import Path
+trial, big = sys.argv[1], Path(sys.argv[2])
+if trial.startswith("weights-"):
+    prefetch.CHUNK = int(trial.split("-")[1]) << 10
+ended = {{}}
+def read():
+    if trial == "libraries":
+        files = big_libraries()
+        ended["libraries"] = (round(prefetch.read_all(files) / 1e9, 2), round(startup_clock.seconds_since_start(), 1))
+    prefetch.read_all([big])
+    ended["read"] = round(startup_clock.seconds_since_start(), 1)
+def big_libraries():
+    import importlib.util
+    folders = [Path(importlib.util.find_spec("torch").submodule_search_locations[0], "lib")]
+    for location in importlib.util.find_spec("nvidia").submodule_search_locations:
+        folders += sorted(Path(location).glob("*/lib"))
+    return [f for folder in folders for f in sorted(folder.iterdir()) if f.is_file() and f.stat().st_size > 1 << 20]
+reader = threading.Thread(target=read, daemon=True)
+if trial != "alone":
+    reader.start()
+import torch
+ended["torch"] = round(startup_clock.seconds_since_start(), 1)
+import transformers
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImageEditPlusPipeline
+torch.zeros(1, device="cuda")
+ended["imports"] = round(startup_clock.seconds_since_start(), 1)
+reader.join() if trial != "alone" else None
+print("RESULT " + json.dumps(ended), flush=True)
+"""
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--size-gb", type=int, default=40)
+    parser.add_argument("--trials", default="alone,weights,libraries")
+    args = parser.parse_args()
+    big = Path(args.dir, "weights.bin")
+    if not big.exists():
+        big.parent.mkdir(parents=True, exist_ok=True)
+        chunk = os.urandom(64 << 20)
+        with open(big, "wb") as out:
+            for _ in range(args.size_gb * 1000 // 64):
+                out.write(chunk)
+    drop_page_cache()
+    start = time.perf_counter()
+    prefetch.read_all([big], chunk=16 << 20)
+    print(f"raw read of {big.stat().st_size / 1e9:.1f} GB: {time.perf_counter() - start:.1f} s", flush=True)
+    for trial in args.trials.split(","):
+        drop_page_cache()
+        done = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), trial, str(big)], capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        print(json.dumps({"trial": trial, **(json.loads(lines[0]) if lines else {"failed": done.stderr[-1500:]})}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
