@@ -45,34 +45,44 @@ def _as_real(module: torch.nn.Module, args, output: tuple[torch.Tensor, torch.Te
 
 class RealRopeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
     """`QwenDoubleStreamAttnProcessor2_0` with `rotate` in place of the complex RoPE; the same
-    projections, norms, mask, order ([text, image]) and attention dispatch (backends, context
-    parallelism). Anything else (complex frequencies, an external mask) goes to the original."""
+    projections, norms, mask, order ([text, image]) and attention dispatch (backends). Anything
+    else (complex frequencies, an external mask) goes to the original. With `ranks` set
+    (`context_parallel.enable`), the image tokens are split across GPUs."""
+
+    ranks = None  # context_parallel.Ranks
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):  # fmt: skip
         if encoder_hidden_states is None or attention_mask is not None or not _real(image_rotary_emb):
             return super().__call__(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
                                     attention_mask, image_rotary_emb)  # fmt: skip
-        if encoder_hidden_states_mask is not None:
-            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
-            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
         img_freqs, txt_freqs = image_rotary_emb
         head_dim = attn.inner_dim // attn.heads
-        img_q, img_k, img_v = _stream(hidden_states, head_dim, img_freqs, attn.to_q, attn.to_k, attn.to_v,
-                                      attn.norm_q, attn.norm_k)  # fmt: skip
-        txt_q, txt_k, txt_v = _stream(encoder_hidden_states, head_dim, txt_freqs, attn.add_q_proj, attn.add_k_proj,
-                                      attn.add_v_proj, attn.norm_added_q, attn.norm_added_k)  # fmt: skip
-        joint = dispatch_attention_fn(
-            torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1), torch.cat([txt_v, img_v], dim=1),
-            attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend, parallel_config=self._parallel_config,
-        )  # fmt: skip
-        joint = joint.flatten(2, 3).to(img_q.dtype)
-        seq_txt = encoder_hidden_states.shape[1]
-        img_out = attn.to_out[0](joint[:, seq_txt:].contiguous())
+        img = _stream(hidden_states, head_dim, img_freqs, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
+        txt = _stream(encoder_hidden_states, head_dim, txt_freqs, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+                      attn.norm_added_q, attn.norm_added_k)  # fmt: skip
+        if self.ranks is not None:
+            txt_out, img_out = self.ranks.joint_attention(self._attend, txt, img, encoder_hidden_states_mask)
+        else:
+            joint = self._attend(*(torch.cat([t, i], dim=1) for t, i in zip(txt, img)),
+                                 joint_mask(encoder_hidden_states_mask, hidden_states.shape[1]))  # fmt: skip
+            txt_out, img_out = joint[:, : encoder_hidden_states.shape[1]], joint[:, encoder_hidden_states.shape[1] :]
+        img_out = attn.to_out[0](img_out.flatten(2, 3).to(img[0].dtype).contiguous())
         if len(attn.to_out) > 1:
             img_out = attn.to_out[1](img_out)  # dropout
-        return img_out, attn.to_add_out(joint[:, :seq_txt].contiguous())
+        return img_out, attn.to_add_out(txt_out.flatten(2, 3).to(img[0].dtype).contiguous())
+
+    def _attend(self, q, k, v, mask):
+        """Attention over [B, S, H, D] through diffusers' dispatch (the configured backend)."""
+        return dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=self._attention_backend)
+
+
+def joint_mask(text_mask: torch.Tensor | None, image_tokens: int) -> torch.Tensor | None:
+    """The [B, 1, 1, L + S] mask of [text, image] for a padded text; None for none."""
+    if text_mask is None:
+        return None
+    image_mask = torch.ones(text_mask.shape[0], image_tokens, dtype=torch.bool, device=text_mask.device)
+    return torch.cat([text_mask, image_mask], dim=1)[:, None, None, :]
 
 
 def _real(rotary) -> bool:
