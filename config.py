@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 TINY_MODEL_ID = "tiny-random"
 PRECISION_MODES = ("bf16", "8bit", "4bit", "fp8")
 OFFLOAD_MODES = ("none", "model", "sequential", "auto")
-GPU_PARALLELISM_MODES = ("auto", "single", "replicas")
+GPU_PARALLELISM_MODES = ("auto", "single", "replicas", "context")
 LIGHTNING_STEP_CHOICES = (4, 8)
 RUNPOD_VOLUME = "/runpod-volume"  # where RunPod mounts an endpoint's network volume
 RUNPOD_HF_CACHE = "/runpod-volume/huggingface-cache/hub"  # RunPod's model cache (the endpoint's "Model")
@@ -83,7 +83,7 @@ class Settings:
     lora_cache_gb: float = 50.0
     max_loaded_loras: int = 8
     max_lora_rank: int = 64
-    gpu_parallelism: str = "auto"  # auto: a replica on every GPU when there are several
+    gpu_parallelism: str = "auto"  # auto: a replica on every GPU when there are several; context: one job across them
     gpu_count: int = 0  # GPUs to use; 0: every visible one (on a CPU: CPU replicas, for tests)
     # LoRAs applied to every job that does not send `loras` (an endpoint serving a fixed set).
     default_loras: tuple = ()
@@ -164,6 +164,8 @@ class Settings:
         )
         if _on_another_filesystem(settings.model_dir, tempfile.gettempdir()):
             settings = dataclasses.replace(settings, compile_cache_mirror=settings.model_dir)
+        if settings.gpu_parallelism == "context":
+            _check_context_parallel(settings)
         if settings.batch_cfg and not settings.attention_takes_masks:
             raise ConfigError(
                 f"CFG_BATCHING=true pads the negative prompt to the prompt's length, which ATTENTION_BACKEND="
@@ -171,6 +173,16 @@ class Settings:
                 "or CFG_BATCHING=false."
             )
         return settings
+
+
+def _check_context_parallel(settings: Settings) -> None:
+    """What GPU_PARALLELISM=context does not take yet, each refused with a sentence."""
+    if settings.max_loras or settings.default_loras:
+        raise ConfigError("GPU_PARALLELISM=context does not take per-request LoRAs yet: set MAX_LORAS=0 and leave LORAS empty.")
+    if settings.uses_bitsandbytes:
+        raise ConfigError(f"GPU_PARALLELISM=context needs PRECISION_MODE bf16 or fp8; got {settings.precision_mode}.")
+    if settings.cpu_offload not in ("auto", "none"):
+        raise ConfigError(f"GPU_PARALLELISM=context keeps every weight on the GPUs: CPU_OFFLOAD must be auto or none; got {settings.cpu_offload}.")
 
 
 def default_model_dir(runpod_volume: str = RUNPOD_VOLUME) -> str:

@@ -33,12 +33,13 @@ def check_gpu_count(settings: Settings, visible: int | None = None) -> int:
 
 
 def replica_devices(settings: Settings, visible: int | None = None) -> list[torch.device]:
-    """The device of each replica, in lane order (one entry: no replicas)."""
+    """The device of each replica, in lane order (one entry: no replicas); with
+    GPU_PARALLELISM=context, of each rank (`context_ranks`)."""
     visible = check_gpu_count(settings, visible)
     mode, wanted = settings.gpu_parallelism, settings.gpu_count
     if visible == 0:
         # No GPU: the device check refuses the real model; the tiny model may be replicated on CPU.
-        return [torch.device("cpu")] * ((wanted or 1) if mode == "replicas" else 1)
+        return [torch.device("cpu")] * ((wanted or 1) if mode in ("replicas", "context") else 1)
     count = wanted or visible
     if mode == "single" or count == 1:
         return [torch.device("cuda", 0)]
@@ -46,5 +47,6 @@ def replica_devices(settings: Settings, visible: int | None = None) -> list[torc
         log.warning("PRECISION_MODE=%s runs on one GPU: bitsandbytes places its layers on the first GPU itself "
                     "(GPU_PARALLELISM=replicas needs bf16 or fp8)", settings.precision_mode)  # fmt: skip
         return [torch.device("cuda", 0)]
-    log.info("%d GPUs: a replica of the pipeline on each (GPU_PARALLELISM=%s)", count, mode)
+    log.info("%d GPUs: %s (GPU_PARALLELISM=%s)", count, "one job across them" if mode == "context" else
+             "a replica of the pipeline on each", mode)  # fmt: skip
     return [torch.device("cuda", index) for index in range(count)]

@@ -21,10 +21,13 @@ import torch
 
 import compilation
 import compile_cache
+import context_parallel
+import context_ranks
 import fp8
 import rope_attention
 from compilation import compile_transformer, should_compile
 from config import Settings
+from context_parallel import Ranks
 from devices import check_precision_supported, resolve_device_and_dtype
 from adapters import prepare_slots
 from loras import load_lora
@@ -260,10 +263,12 @@ def load_model(
     device: torch.device | None = None,
     replica: int = 0,
     compile_ahead: Callable[[LoadedModel], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> LoadedModel:
     """The pipeline on `device` (default: the GPU, or the CPU for the tiny model). Replicas
     after the first find the compile cache the first one restored. `compile_ahead`: the
-    compile warm-up, run before the text encoder is loaded (`_load_staged`)."""
+    compile warm-up, run before the text encoder is loaded (`_load_staged`). `ranks`: the
+    transformer runs across these processes (GPU_PARALLELISM=context)."""
     default_device, dtype = resolve_device_and_dtype(settings)
     device = device or default_device
     if device.type == "cuda" and device.index is not None:
@@ -274,24 +279,24 @@ def load_model(
     if settings.uses_bitsandbytes:  # bitsandbytes decides where its quantized layers go as it loads them
         pipe = _load_pipeline(settings, path, dtype)
         offload = choose_offload(settings, _unplaced_bytes(pipe), device)
-        return _prepared(settings, pipe, device, dtype, offload, restoring)
+        return _prepared(settings, pipe, device, dtype, offload, restoring, ranks)
     # Decided from the files' headers, so that weights that fit are read straight onto the
     # GPU, and the Lightning LoRA is fused there, instead of on the CPU and then copied.
     offload = choose_offload(settings, planned_bytes(path, dtype), device)
     if offload == "none":
-        return _load_staged(settings, path, device, dtype, restoring, compile_ahead)
+        return _load_staged(settings, path, device, dtype, restoring, compile_ahead, ranks)
     pipe = _load_pipeline(settings, path, dtype)
-    return _prepared(settings, pipe, device, dtype, offload, restoring)
+    return _prepared(settings, pipe, device, dtype, offload, restoring, ranks)
 
 
 def _load_staged(settings: Settings, path: str, device: torch.device, dtype: torch.dtype, restoring,
-                 compile_ahead: Callable[[LoadedModel], None] | None) -> LoadedModel:  # fmt: skip
+                 compile_ahead: Callable[[LoadedModel], None] | None, ranks: Ranks | None) -> LoadedModel:  # fmt: skip
     """Weights that fit, straight onto `device`, in two steps. First the transformer and the
     VAE: Lightning fused, fp8, LoRA slots, and compiled by `compile_ahead` (warm-up edits with
     random prompt embeddings). Then the text encoder (16.6 GB of the 58), which `prefetch` has
     been reading from disk while the compile ran, instead of the compile waiting for it."""
     pipe = _load_onto(path, dtype, device, "the transformer and the VAE", **dict.fromkeys(TEXT_PARTS))
-    model = _prepared(settings, pipe, device, dtype, "none", restoring)
+    model = _prepared(settings, pipe, device, dtype, "none", restoring, ranks)
     if compile_ahead is not None and model.compiled:
         with timed(log, "compiling before the text encoder loads"):
             compilation.warm_up(model, functools.partial(compile_ahead, model))
@@ -300,7 +305,8 @@ def _load_staged(settings: Settings, path: str, device: torch.device, dtype: tor
     return model
 
 
-def _prepared(settings: Settings, pipe, device: torch.device, dtype: torch.dtype, offload: str, restoring) -> LoadedModel:
+def _prepared(settings: Settings, pipe, device: torch.device, dtype: torch.dtype, offload: str, restoring,
+              ranks: Ranks | None = None) -> LoadedModel:  # fmt: skip
     """`pipe` made ready to serve: Lightning fused, placed, fp8, LoRA slots, set up to compile."""
     pipe.set_progress_bar_config(disable=True)
     bnb_quantized = settings.uses_bitsandbytes
@@ -308,6 +314,10 @@ def _prepared(settings: Settings, pipe, device: torch.device, dtype: torch.dtype
         _load_lightning(pipe, settings, bnb_quantized)
     _place(pipe, offload, device, bnb_quantized)
     rope_attention.install(pipe.transformer)
+    if ranks is not None:
+        context_parallel.enable(pipe.transformer, ranks)
+        if ranks.rank == 0:
+            context_ranks.lead(pipe.transformer, ranks)
     if settings.precision_mode == "fp8":
         fp8.quantize(pipe.transformer)
     _apply_memory_options(pipe, settings)
@@ -335,11 +345,15 @@ class ModelHolder:
     """Loads the model on first use, once, whichever thread asks first."""
 
     def __init__(self, settings: Settings, device: torch.device | None = None, replica: int = 0,
-                 compile_ahead: Callable[[LoadedModel], None] | None = None):  # fmt: skip
+                 compile_ahead: Callable[[LoadedModel], None] | None = None,
+                 join_ranks: Callable[[], Ranks] | None = None):  # fmt: skip
+        """`join_ranks`: rank 0's place among the GPU processes (GPU_PARALLELISM=context),
+        asked for when the model loads."""
         self._settings = settings
         self.device = device
         self.replica = replica
         self._compile_ahead = compile_ahead
+        self._join_ranks = join_ranks
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
         self._error: BaseException | None = None
@@ -351,7 +365,8 @@ class ModelHolder:
             if self._model is None:
                 try:
                     with timed(log, "loading the model" + (f" onto {self.device}" if self.replica else "")):
-                        self._model = load_model(self._settings, self.device, self.replica, self._compile_ahead)
+                        ranks = self._join_ranks() if self._join_ranks is not None else None
+                        self._model = load_model(self._settings, self.device, self.replica, self._compile_ahead, ranks)
                 except BaseException as error:
                     self._error = error
                     raise

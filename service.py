@@ -26,6 +26,8 @@ import schema
 import startup_clock
 from batching import Batcher, BatcherClosed, Lane, WorkerBroken
 from config import Settings
+from context_parallel import Ranks
+from context_ranks import Followers, RankLost
 from engine import EditEngine, EditRequest, EditResult
 from adapters import AppliedLora
 from lora_store import LoraStore
@@ -43,10 +45,11 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 def _leaves_gpu_unusable(error: BaseException) -> bool:
-    """A CUDA error (not out-of-memory) poisons the CUDA context for the whole process."""
+    """A CUDA error (not out-of-memory) poisons the CUDA context for the whole process; a lost
+    or timed-out rank leaves the ranks unable to run a forward together."""
     if isinstance(error, torch.OutOfMemoryError):
         return False
-    if isinstance(error, torch.AcceleratorError):
+    if isinstance(error, (torch.AcceleratorError, RankLost, torch.distributed.DistError)):
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)
@@ -64,11 +67,19 @@ class EditService:
         """`holder`: the one model to serve (tests pass a loaded one); `replicas`: one per
         GPU lane; neither: what GPU_PARALLELISM says (`gpus.replica_devices`)."""
         self.settings = settings
+        self.followers: Followers | None = None  # GPU_PARALLELISM=context: ranks 1.. (`context_ranks`)
+        self._ranks: Ranks | None = None
         if replicas is None:
             devices = gpus.replica_devices(settings)
-            replicas = [holder] if holder is not None else [
-                ModelHolder(settings, d, n, compile_ahead=functools.partial(self._compile_ahead, n)) for n, d in enumerate(devices)
-            ]  # fmt: skip
+            if holder is not None:
+                replicas = [holder]
+            elif settings.gpu_parallelism == "context" and len(devices) > 1:
+                self.followers = Followers(settings, devices)
+                replicas = [ModelHolder(settings, devices[0], 0, compile_ahead=functools.partial(self._compile_ahead, 0),
+                                        join_ranks=self._join_ranks)]  # fmt: skip
+            else:
+                replicas = [ModelHolder(settings, d, n, compile_ahead=functools.partial(self._compile_ahead, n))
+                            for n, d in enumerate(devices)]  # fmt: skip
         self.replicas = list(replicas)
         self.holder = self.replicas[0]
         # One engine per replica; the first also decides batch keys and encodes prompts ahead.
@@ -133,6 +144,10 @@ class EditService:
         self._encodes += 1
         return self.engines[self._encodes % len(self.engines)]
 
+    def _join_ranks(self) -> Ranks:
+        self._ranks = self.followers.join()
+        return self._ranks
+
     def _compile_ahead(self, lane: int, model) -> None:
         """The replica's compile warm-up, while its text encoder is still to load (`model_loader`)."""
         self.engines[lane].compile_ahead(model)
@@ -167,6 +182,8 @@ class EditService:
         """Take no new jobs; finish what is queued and running."""
         self.batcher.close()
         self.downloads.shutdown(wait=False)
+        if self.followers is not None:
+            self.followers.stop(self._ranks)
 
     def _check_text_fits(self, request: EditRequest, plan) -> None:
         try:
@@ -181,7 +198,7 @@ class EditService:
     def _run_batch(self, lane: int, requests: list[EditRequest]) -> list[EditResult]:
         engine = self.engines[lane]
         try:
-            return engine.run_batch(requests)
+            return self._run_on_ranks(engine, requests)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -193,6 +210,16 @@ class EditService:
             # A shape the warm-up did not cover failed to compile: serve it (and all later ones) eagerly.
             compilation.fall_back_to_eager(model, error)
             return engine.run_batch(requests)
+
+    def _run_on_ranks(self, engine: EditEngine, requests: list[EditRequest]) -> list[EditResult]:
+        """`engine.run_batch`; with GPU_PARALLELISM=context, a failure after a follower stopped is `RankLost`."""
+        try:
+            return engine.run_batch(requests)
+        except Exception as error:
+            lost = self.followers.lost() if self.followers is not None else []
+            if lost:
+                raise RankLost(f"{', '.join(lost)} of the GPU processes stopped") from error
+            raise
 
     async def handle(self, job: dict) -> dict:
         started = time.perf_counter()

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from tests.test_handler import ROOT
+from tests.test_runpod_worker import good_job, start_worker, stop_worker, standin  # noqa: F401
 
 LENGTHS = (7, 13, 20)  # odd, prime, even: none needs to divide among the ranks
 
@@ -62,3 +64,88 @@ def test_two_ranks_give_one_process_result_for_texts_of_any_length(tiny_settings
         result = json.loads((tmp_path / f"result.{rank}").read_text())
         assert max(result["errors"]) <= 1e-5, result  # float32
         assert result["breaks"] == 0  # no .item(), no graph break: the split sizes are the host's
+
+
+def _service_job(job_id: str, prompt: str) -> dict:
+    from tests.test_handler import SAMPLE
+
+    return {"id": job_id, "input": {"prompt": prompt, "image_base64": SAMPLE, "seed": 5, "num_inference_steps": 2,
+                                    "width": 64, "height": 64}}  # fmt: skip
+
+
+@pytest.mark.parametrize("compiled", ["false", "true"], ids=["eager", "compiled"])
+def test_context_mode_gives_one_process_pixels_and_a_lost_rank_retires_the_worker(tiny_env, tmp_path, monkeypatch, compiled):
+    import asyncio
+    import time
+
+    from config import Settings
+    from service import EditService
+    from tests.test_loras import pixels
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    env = tiny_env(MAX_LORAS="0", MAX_BATCH_SIZE="1", COMPILE_TRANSFORMER=compiled)
+    jobs = [_service_job("short", "blue"), _service_job("long", "make the sky a deep blue with a few clouds")]
+    alone = EditService(Settings.from_env(env))
+    expected = [pixels(asyncio.run(alone.handle(job))) for job in jobs]
+    alone.close()
+
+    broken = []
+    service = EditService(Settings.from_env(dict(env, GPU_PARALLELISM="context", GPU_COUNT="2")), on_broken=broken.append)
+    try:
+        answers = [asyncio.run(service.handle(job)) for job in jobs]
+        for answer, image in zip(answers, expected):
+            assert np.abs(pixels(answer) - image).max() <= 1, answer.get("error")
+        assert service.followers.processes[0].is_alive()
+        service.followers.processes[0].kill()
+        time.sleep(1)
+        lost = asyncio.run(service.handle(_service_job("after", "blue")))
+    finally:
+        service.close()
+    assert lost["refresh_worker"] is True and "GPU processes stopped" in lost["error"]
+    assert len(broken) == 1  # retired once
+
+
+def test_context_mode_refuses_what_it_does_not_take_yet(tiny_env):
+    from config import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match=r"^GPU_PARALLELISM=context does not take per-request LoRAs yet: set MAX_LORAS=0"):
+        Settings.from_env(tiny_env(GPU_PARALLELISM="context"))  # MAX_LORAS defaults to 3
+    with pytest.raises(ConfigError, match=r"^GPU_PARALLELISM=context needs PRECISION_MODE bf16 or fp8; got 4bit\.$"):
+        Settings.from_env(tiny_env(GPU_PARALLELISM="context", MAX_LORAS="0", PRECISION_MODE="4bit"))
+    assert Settings.from_env(tiny_env(GPU_PARALLELISM="context", MAX_LORAS="0")).gpu_parallelism == "context"
+
+
+def test_a_rank_that_never_joins_stops_the_start_with_a_sentence(tiny_env, monkeypatch):
+    from datetime import timedelta
+
+    import context_ranks
+    from config import Settings
+
+    monkeypatch.setattr(context_ranks, "TIMEOUT", timedelta(seconds=5))
+    settings = Settings.from_env(tiny_env(GPU_PARALLELISM="context", GPU_COUNT="2", MAX_LORAS="0"))
+    followers = context_ranks.Followers(settings, [torch.device("cpu")] * 2)
+    followers.processes[0].kill()  # before it could join
+    followers.processes[0].join()
+    with pytest.raises(context_ranks.RankLost, match=r"^the GPU processes could not form a process group \(rank-1 stopped\): "):
+        followers.join()
+    followers.stop(None)
+
+
+def test_context_mode_through_the_runpod_worker_loop_drains_every_rank(standin, tiny_env, tmp_path):  # noqa: F811
+    import os
+    import re
+
+    jobs = [good_job(i) for i in range(4)]
+    standin.add_jobs(jobs)
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(standin, tiny_env, log_path, GPU_PARALLELISM="context", GPU_COUNT="2", MAX_LORAS="0",
+                        MAX_BATCH_SIZE="2")  # fmt: skip
+    try:
+        finished = standin.wait_for_results(len(jobs), timeout=240)
+    finally:
+        code, output = stop_worker(proc, log_path)
+    assert finished and code == 0, output[-4000:]
+    assert all(len(answers) == 1 and "error" not in answers[0] for answers in standin.results.values())
+    follower = int(re.search(r"rank 1 ready \(process (\d+)\)", output).group(1))
+    with pytest.raises(ProcessLookupError):  # stopped with the worker
+        os.kill(follower, 0)

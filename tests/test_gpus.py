@@ -52,8 +52,8 @@ def test_replica_devices(env, visible, expected):
 def test_more_gpus_than_visible_is_refused_with_a_sentence():
     with pytest.raises(ConfigError, match=r"^GPU_COUNT must be at most the number of GPUs this worker sees \(2\); got 3\.$"):
         gpus.replica_devices(settings(GPU_COUNT="3"), visible=2)
-    with pytest.raises(ConfigError, match="GPU_PARALLELISM must be one of auto, single, replicas"):
-        settings(GPU_PARALLELISM="context")
+    with pytest.raises(ConfigError, match="GPU_PARALLELISM must be one of auto, single, replicas, context"):
+        settings(GPU_PARALLELISM="pipeline")
 
 
 def test_two_replicas_share_the_jobs_and_give_one_devices_pixels(tiny_env, base_holder):
