@@ -66,3 +66,16 @@ def test_kernels_are_classified_by_name():
     assert classify("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_cat_ones_permute") == "other"
     assert classify("triton_tem_fused_addmm_0") == "matmul"
     assert classify("aten::addmm") == "matmul" and classify("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+
+
+def test_context_latency_smoke_run_compares_one_gpu_with_the_ranks(tmp_path):
+    """Two gloo ranks on the CPU stand in for two GPUs: the script runs and the images agree."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "context_latency.py"), "--tiny", "--gpus", "2", "--jobs", "1",
+         "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith(("| single |", "| context |"))]
+    assert len(rows) == 2
+    assert rows[1].split("|")[-2].strip() in ("0", "1")  # the largest pixel difference from one GPU's image

@@ -1,0 +1,124 @@
+"""One job's latency on one GPU against GPU_PARALLELISM=context across several, through the worker.
+
+    python3 benchmarks/context_latency.py --dir /tmp/cold --gpus 2 [--precision fp8] [--jobs 5]
+    python3 benchmarks/context_latency.py --tiny --gpus 2      # CPU smoke run: gloo ranks, tiny model
+
+On the GPU machine the real-size pipeline with random weights is saved once under --dir
+(`cold_start.prepare`: followers load the model from disk as a worker does). Each mode runs
+in a fresh process: `EditService` with `GPU_PARALLELISM=single` (one GPU) or `context` over
+--gpus GPUs, `MAX_LORAS=0`, `MAX_BATCH_SIZE=1`, compiled and warmed up as at start; then one
+untimed job and --jobs timed ones, one at a time (1024² output from a 1024² input, 8
+Lightning steps, the same seed). It prints each mode's median latency and stages, the
+largest GPU memory in use on any GPU (nvidia-smi), and the largest pixel difference from the
+single-GPU image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def gpu_memory_gib() -> float | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = [int(line) for line in out.split() if line.strip().isdigit()]
+    return round(max(used) / 1024, 1) if used else None
+
+
+def child(mode: str, gpus: int, jobs: int, side: int) -> None:
+    from config import Settings
+    from gpu_speed import input_png
+    from service import EditService
+
+    settings = Settings.from_env({**os.environ, "GPU_PARALLELISM": mode, "GPU_COUNT": str(gpus if mode == "context" else 1),
+                                  "MAX_LORAS": "0", "MAX_BATCH_SIZE": "1"})  # fmt: skip
+    service = EditService(settings)
+    job = {"input": {"prompt": "Add a red hat to the person on the left", "image_base64": input_png(side, 0),
+                     "width": side, "height": side, "seed": 1}}  # fmt: skip
+    latencies, answers = [], []
+    for n in range(jobs + 1):  # the first waits for the start-up and is not timed
+        start = time.perf_counter()
+        answer = asyncio.run(service.handle(dict(job, id=f"j{n}")))
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        if n:
+            latencies.append(time.perf_counter() - start)
+        answers.append(answer)
+    memory = gpu_memory_gib()
+    service.close()
+    print("RESULT " + json.dumps({"mode": mode, "latency_s": round(statistics.median(latencies), 3),
+                                  "timings_ms": answers[-1].get("timings_ms"), "gpu_gib": memory,
+                                  "image": answers[-1]["output_image_base64"]}), flush=True)  # fmt: skip
+    os._exit(0)
+
+
+def pixels(b64: str):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))).astype(int)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dir", default="/tmp/cold")
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--jobs", type=int, default=5)
+    parser.add_argument("--tiny", action="store_true", help="the tiny model on CPU ranks (gloo)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    side = 64 if args.tiny else 1024
+    if args.child:
+        child(args.child, args.gpus, args.jobs, side)
+        return
+    if args.tiny:
+        env = {"MODEL_ID": "tiny-random", "MODEL_DIR": os.path.join(args.dir, "tiny"), "USE_LIGHTNING_LORA": "false"}
+    else:
+        from cold_start import prepare
+
+        prepare(Path(args.dir))
+        env = {"MODEL_ID": str(Path(args.dir, "model")), "MODEL_DIR": str(Path(args.dir, "volume"))}
+    env["PRECISION_MODE"] = args.precision
+    results = {}
+    for mode in ("single", "context"):
+        done = subprocess.run([sys.executable, __file__, "--child", mode, "--gpus", str(args.gpus), "--jobs", str(args.jobs),
+                               *(["--tiny"] if args.tiny else [])], env={**os.environ, **env}, capture_output=True,
+                              text=True, timeout=900)  # fmt: skip
+        lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if not lines:
+            print(json.dumps({"mode": mode, "failed": done.stderr[-3000:]}), flush=True)
+            continue
+        results[mode] = json.loads(lines[0])
+        print(json.dumps({k: v for k, v in results[mode].items() if k != "image"}), flush=True)
+    if len(results) < 2:
+        sys.exit(1)
+    single, context = results["single"], results["context"]
+    difference = int(abs(pixels(single["image"]) - pixels(context["image"])).max())
+    print(f"\n| mode | GPUs | latency s | speed-up | denoise ms | largest GPU memory GiB | max pixel difference |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for mode, result, gpus in (("single", single, 1), ("context", context, args.gpus)):
+        print(f"| {mode} | {gpus} | {result['latency_s']} | {single['latency_s'] / result['latency_s']:.2f} | "
+              f"{(result['timings_ms'] or {}).get('denoise')} | {result['gpu_gib']} | {0 if mode == 'single' else difference} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
