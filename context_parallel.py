@@ -24,6 +24,7 @@ The collectives are torch's functional ones, which dynamo traces (NCCL on GPUs, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,11 +35,13 @@ import rope_attention
 
 @dataclass(frozen=True)
 class Ranks:
-    """The ranks one forward runs across (the default process group's, in order)."""
+    """The ranks one forward runs across (the default process group's, in order). On rank 0,
+    `announce(call)` tells the other ranks about a forward before it runs (`context_ranks`)."""
 
     rank: int
     size: int
     group: dist.ProcessGroup
+    announce: Callable[[dict], None] | None = None
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's equal share of `x` along `dim`."""

@@ -26,7 +26,6 @@ import schema
 import startup_clock
 from batching import Batcher, BatcherClosed, Lane, WorkerBroken
 from config import Settings
-from context_parallel import Ranks
 from context_ranks import Followers, RankLost
 from engine import EditEngine, EditRequest, EditResult
 from adapters import AppliedLora
@@ -68,7 +67,6 @@ class EditService:
         GPU lane; neither: what GPU_PARALLELISM says (`gpus.replica_devices`)."""
         self.settings = settings
         self.followers: Followers | None = None  # GPU_PARALLELISM=context: ranks 1.. (`context_ranks`)
-        self._ranks: Ranks | None = None
         if replicas is None:
             devices = gpus.replica_devices(settings)
             if holder is not None:
@@ -76,7 +74,7 @@ class EditService:
             elif settings.gpu_parallelism == "context" and len(devices) > 1:
                 self.followers = Followers(settings, devices)
                 replicas = [ModelHolder(settings, devices[0], 0, compile_ahead=functools.partial(self._compile_ahead, 0),
-                                        join_ranks=self._join_ranks)]  # fmt: skip
+                                        join_ranks=self.followers.join)]  # fmt: skip
             else:
                 replicas = [ModelHolder(settings, d, n, compile_ahead=functools.partial(self._compile_ahead, n))
                             for n, d in enumerate(devices)]  # fmt: skip
@@ -144,10 +142,6 @@ class EditService:
         self._encodes += 1
         return self.engines[self._encodes % len(self.engines)]
 
-    def _join_ranks(self) -> Ranks:
-        self._ranks = self.followers.join()
-        return self._ranks
-
     def _compile_ahead(self, lane: int, model) -> None:
         """The replica's compile warm-up, while its text encoder is still to load (`model_loader`)."""
         self.engines[lane].compile_ahead(model)
@@ -183,7 +177,7 @@ class EditService:
         self.batcher.close()
         self.downloads.shutdown(wait=False)
         if self.followers is not None:
-            self.followers.stop(self._ranks)
+            self.followers.stop()
 
     def _check_text_fits(self, request: EditRequest, plan) -> None:
         try:

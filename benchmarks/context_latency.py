@@ -113,7 +113,7 @@ def main() -> None:
         sys.exit(1)
     single, context = results["single"], results["context"]
     difference = int(abs(pixels(single["image"]) - pixels(context["image"])).max())
-    print(f"\n| mode | GPUs | latency s | speed-up | denoise ms | largest GPU memory GiB | max pixel difference |")
+    print("\n| mode | GPUs | latency s | speed-up | denoise ms | largest GPU memory GiB | max pixel difference |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for mode, result, gpus in (("single", single, 1), ("context", context, args.gpus)):
         print(f"| {mode} | {gpus} | {result['latency_s']} | {single['latency_s'] / result['latency_s']:.2f} | "
