@@ -64,7 +64,7 @@ class Followers:
         self._inboxes = [spawn.SimpleQueue() for _ in devices[1:]]
         self.processes = [
             spawn.Process(target=_follow, args=(settings, rank, len(devices), self._store, str(device), inbox, TIMEOUT),
-                          name=f"rank-{rank}")  # fmt: skip
+                          name=f"rank-{rank}")
             for rank, (device, inbox) in enumerate(zip(devices[1:], self._inboxes), start=1)
         ]  # fmt: skip
         self._ranks: Ranks | None = None
