@@ -177,8 +177,6 @@ class Settings:
 
 def _check_context_parallel(settings: Settings) -> None:
     """What GPU_PARALLELISM=context does not take yet, each refused with a sentence."""
-    if settings.max_loras or settings.default_loras:
-        raise ConfigError("GPU_PARALLELISM=context does not take per-request LoRAs yet: set MAX_LORAS=0 and leave LORAS empty.")
     if settings.uses_bitsandbytes:
         raise ConfigError(f"GPU_PARALLELISM=context needs PRECISION_MODE bf16 or fp8; got {settings.precision_mode}.")
     if settings.cpu_offload not in ("auto", "none"):

@@ -36,12 +36,14 @@ import rope_attention
 @dataclass(frozen=True)
 class Ranks:
     """The ranks one forward runs across (the default process group's, in order). On rank 0,
-    `announce(call)` tells the other ranks about a forward before it runs (`context_ranks`)."""
+    `announce(call)` tells the other ranks about a forward before it runs, and `tell(kind,
+    payload)` about a change of the LoRAs (`context_ranks`)."""
 
     rank: int
     size: int
     group: dist.ProcessGroup
     announce: Callable[[dict], None] | None = None
+    tell: Callable[[str, object], None] | None = None
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's equal share of `x` along `dim`."""

@@ -7,7 +7,9 @@ split across the ranks (`context_parallel`). Before rank 0's transformer runs, i
 the call: the call's shapes and other arguments go to each follower through a queue (a wait
 with no timeout: a worker may idle for hours between jobs), its tensors by broadcast, and
 then every rank runs the same forward, its collectives meeting the others'. Rank 0's
-warm-ups are such calls too, so the followers compile in step with it.
+warm-ups are such calls too, so the followers compile in step with it. Changes of the
+per-request LoRAs go the same way (`MirroredAdapters`): each follower makes the same change
+to its own transformer, from the same LoRA file on the same disk, before the next forward.
 
 A follower that has stopped makes the next forward fail at once (`RankLost`); the worker then
 retires and every job it holds is answered once (`service`). A rank that stops or hangs in
@@ -19,12 +21,14 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import queue
 import tempfile
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from adapters import AdapterCache, AppliedLora
 from config import Settings
 from context_parallel import Ranks
 from model_files import resolve_lora_path, resolve_model_path
@@ -62,9 +66,10 @@ class Followers:
         self._store = os.path.join(tempfile.mkdtemp(prefix="qwen-edit-ranks-"), "store")
         spawn = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._inboxes = [spawn.SimpleQueue() for _ in devices[1:]]
+        self._ready = spawn.Queue()  # each follower says when its imports are done
         self.processes = [
-            spawn.Process(target=_follow, args=(settings, rank, len(devices), self._store, str(device), inbox, TIMEOUT),
-                          name=f"rank-{rank}")
+            spawn.Process(target=_follow, args=(settings, rank, len(devices), self._store, str(device), inbox, self._ready,
+                                                TIMEOUT), name=f"rank-{rank}")  # fmt: skip
             for rank, (device, inbox) in enumerate(zip(devices[1:], self._inboxes), start=1)
         ]  # fmt: skip
         self._ranks: Ranks | None = None
@@ -79,16 +84,30 @@ class Followers:
         resolve_model_path(self.settings)
         if self.settings.use_lightning_lora:
             resolve_lora_path(self.settings)
-        for inbox in self._inboxes:
-            inbox.put("join")
         try:
+            self._wait_until_imported()
+            for inbox in self._inboxes:
+                inbox.put("join")
             ranks = _join(self._store, 0, len(self.devices), self.devices[0], TIMEOUT)
         except Exception as error:  # noqa: BLE001 - one sentence, then the worker stops
-            lost = f" ({', '.join(self.lost())} stopped)" if self.lost() else ""
-            raise RankLost(f"the GPU processes could not form a process group{lost}: {str(error).strip()[:300]}") from error
+            why = str(error).strip()[:300] if isinstance(error, RankLost) or not self.lost() else f"{', '.join(self.lost())} stopped"
+            raise RankLost(f"the GPU processes could not form a process group: {why}") from error
         log.info("process group formed: %d ranks (%s)", ranks.size, _backend(self.devices[0]))
-        self._ranks = Ranks(0, ranks.size, ranks.group, announce=self.announce)
+        self._ranks = Ranks(0, ranks.size, ranks.group, announce=self.announce, tell=self.tell)
         return self._ranks
+
+    def _wait_until_imported(self) -> None:
+        """Until every follower has imported its libraries (that takes a while, and the group's
+        timeout need not cover it); a follower that stops meanwhile fails it at once."""
+        waiting = len(self.processes)
+        while waiting:
+            if lost := self.lost():
+                raise RankLost(f"{', '.join(lost)} stopped while starting")
+            try:
+                self._ready.get(timeout=0.5)
+                waiting -= 1
+            except queue.Empty:
+                pass
 
     def lost(self) -> list[str]:
         """The followers that have stopped."""
@@ -96,17 +115,21 @@ class Followers:
 
     def announce(self, call: dict | None) -> None:
         """Tell every follower about one forward (None: stop), then send its tensors."""
-        if lost := self.lost():
-            raise RankLost(f"{', '.join(lost)} of the GPU processes stopped")
         tensors = {name: value for name, value in (call or {}).items() if isinstance(value, torch.Tensor)}
         header = None if call is None else {
             "tensors": [(name, tuple(value.shape), value.dtype) for name, value in sorted(tensors.items())],
             "rest": {name: value for name, value in call.items() if name not in tensors},
         }  # fmt: skip
-        for inbox in self._inboxes:
-            inbox.put(header)
+        self.tell("forward" if call is not None else "stop", header)
         for name in sorted(tensors):
             dist.broadcast(tensors[name].contiguous(), src=0, group=self._ranks.group)
+
+    def tell(self, kind: str, payload: object) -> None:
+        """Put one message in every follower's queue; a stopped follower fails it at once."""
+        if lost := self.lost():
+            raise RankLost(f"{', '.join(lost)} of the GPU processes stopped")
+        for inbox in self._inboxes:
+            inbox.put((kind, payload))
 
     def stop(self) -> None:
         """Let the followers leave their loop, then end them and this rank's group."""
@@ -120,17 +143,33 @@ class Followers:
             dist.destroy_process_group()
 
 
-def lead(transformer, ranks: Ranks) -> None:
-    """On rank 0: every call of `transformer` is announced to the followers before it runs."""
-    if ranks.announce is not None:
-        transformer.register_forward_pre_hook(lambda module, args, kwargs: ranks.announce(kwargs), with_kwargs=True)
+def lead(model, ranks: Ranks, capacity: int) -> None:
+    """On rank 0: every call of `model`'s transformer, and every change of its LoRAs, is told
+    to the followers before it happens."""
+    if ranks.announce is None:
+        return
+    model.pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: ranks.announce(kwargs), with_kwargs=True)
+    model.adapters = MirroredAdapters(capacity, ranks.tell)
 
 
-def _receive(inbox, ranks: Ranks, device: torch.device) -> dict | None:
-    """The next forward's keyword arguments from rank 0 (None: stop)."""
-    header = inbox.get()
-    if header is None:
-        return None
+class MirroredAdapters(AdapterCache):
+    """Rank 0's LoRAs: each change is told to the followers first, which make it themselves."""
+
+    def __init__(self, capacity: int, tell):
+        super().__init__(capacity)
+        self._tell = tell
+
+    def apply(self, model, loras: tuple[AppliedLora, ...]) -> None:
+        self._tell("apply", loras)
+        super().apply(model, loras)
+
+    def use_slots(self, model, count: int) -> None:
+        self._tell("slots", count)
+        super().use_slots(model, count)
+
+
+def _tensors(header: dict, ranks: Ranks, device: torch.device) -> dict:
+    """One announced forward's keyword arguments, its tensors received from rank 0."""
     call = dict(header["rest"])
     for name, shape, dtype in header["tensors"]:
         call[name] = torch.empty(shape, dtype=dtype, device=device)
@@ -138,19 +177,38 @@ def _receive(inbox, ranks: Ranks, device: torch.device) -> dict | None:
     return call
 
 
-def _follow(settings: Settings, rank: int, world: int, store: str, device: str, inbox, timeout: timedelta) -> None:
-    """A follower's life: join the group, load the model split across the ranks, then run
-    every forward rank 0 announces until it says stop."""
+def _serve(inbox, model, ranks: Ranks, device: torch.device, capacity: int) -> None:
+    """Do what rank 0 tells, in its order, until it says stop."""
+    adapters = AdapterCache(capacity)
+    while True:
+        kind, payload = inbox.get()
+        if kind == "stop":
+            return
+        if kind == "forward":
+            call = _tensors(payload, ranks, device)
+            with torch.inference_mode():
+                model.pipe.transformer(**call)
+            continue
+        try:  # a LoRA rank 0 cannot use fails its job there; here it is only logged
+            if kind == "apply":
+                adapters.apply(model, payload)
+            elif kind == "slots":
+                adapters.use_slots(model, payload)
+        except Exception as error:  # noqa: BLE001
+            log.warning("LoRA change %s failed here as on rank 0: %s", kind, error)
+
+
+def _follow(settings: Settings, rank: int, world: int, store: str, device: str, inbox, ready, timeout: timedelta) -> None:
+    """A follower's life: join the group, load the model split across the ranks, then do what
+    rank 0 tells (forwards, LoRA changes) until it says stop."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s")
     from model_loader import load_model
 
     where = torch.device(device)
-    inbox.get()  # rank 0 has the model's files on disk
+    ready.put(rank)
+    inbox.get()  # rank 0 has the model's files on disk and is joining
     ranks = _join(store, rank, world, where, timeout)
     model = load_model(settings, where, replica=rank, ranks=ranks)
-    transformer = model.pipe.transformer
     log.info("rank %d ready (process %d)", rank, os.getpid())
-    while (call := _receive(inbox, ranks, where)) is not None:
-        with torch.inference_mode():
-            transformer(**call)
+    _serve(inbox, model, ranks, where, settings.max_loaded_loras)
     dist.destroy_process_group()

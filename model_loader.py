@@ -316,8 +316,6 @@ def _prepared(settings: Settings, pipe, device: torch.device, dtype: torch.dtype
     rope_attention.install(pipe.transformer)
     if ranks is not None:
         context_parallel.enable(pipe.transformer, ranks)
-        if ranks.rank == 0:
-            context_ranks.lead(pipe.transformer, ranks)
     if settings.precision_mode == "fp8":
         fp8.quantize(pipe.transformer)
     _apply_memory_options(pipe, settings)
@@ -337,8 +335,11 @@ def _prepared(settings: Settings, pipe, device: torch.device, dtype: torch.dtype
         else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     )
     base_adapters = ("lightning",) if settings.use_lightning_lora and bnb_quantized else ()
-    return LoadedModel(pipe, device, dtype, precision, settings.use_lightning_lora, offload, compiled, base_adapters,
-                       lora_slots=slots, lora_rank=settings.max_lora_rank if slots else 0)  # fmt: skip
+    model = LoadedModel(pipe, device, dtype, precision, settings.use_lightning_lora, offload, compiled, base_adapters,
+                        lora_slots=slots, lora_rank=settings.max_lora_rank if slots else 0)  # fmt: skip
+    if ranks is not None:
+        context_ranks.lead(model, ranks, settings.max_loaded_loras)  # rank 0: the followers do as it does
+    return model
 
 
 class ModelHolder:
