@@ -105,6 +105,34 @@ def test_context_mode_gives_one_process_pixels_and_a_lost_rank_retires_the_worke
     assert len(broken) == 1  # retired once
 
 
+def test_a_rank_killed_in_the_middle_of_a_job_fails_it_once_and_retires_the_worker(tiny_env):
+    import asyncio
+
+    from config import Settings
+    from service import EditService
+
+    broken = []
+    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="context", GPU_COUNT="2", MAX_BATCH_SIZE="1")),
+                          on_broken=broken.append)  # fmt: skip
+    long_job = _service_job("long", "blue")
+    long_job["input"]["num_inference_steps"] = 100
+
+    async def scenario():
+        assert "error" not in await service.handle(_service_job("first", "blue"))  # started, both ranks serving
+        running = asyncio.ensure_future(service.handle(long_job))
+        await asyncio.sleep(1.5)
+        assert not running.done()
+        service.followers.processes[0].kill()
+        return await running
+
+    try:
+        answer = asyncio.run(scenario())
+    finally:
+        service.close()
+    assert answer["refresh_worker"] is True and "GPU processes stopped" in answer["error"], answer
+    assert len(broken) == 1
+
+
 def test_context_mode_refuses_what_it_does_not_take_yet(tiny_env):
     from config import ConfigError, Settings
 
