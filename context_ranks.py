@@ -18,6 +18,7 @@ the middle of a forward fails it once the process group's timeout (`TIMEOUT`) ha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -93,7 +94,7 @@ class Followers:
             why = str(error).strip()[:300] if isinstance(error, RankLost) or not self.lost() else f"{', '.join(self.lost())} stopped"
             raise RankLost(f"the GPU processes could not form a process group: {why}") from error
         log.info("process group formed: %d ranks (%s)", ranks.size, _backend(self.devices[0]))
-        self._ranks = Ranks(0, ranks.size, ranks.group, announce=self.announce, tell=self.tell)
+        self._ranks = dataclasses.replace(ranks, announce=self.announce, tell=self.tell)
         return self._ranks
 
     def _wait_until_imported(self) -> None:

@@ -10,12 +10,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """benchmarks/`name` with `args`, as a user runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
 def test_gpu_speed_smoke_run_reports_both_tables(tmp_path):
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--tiny", "--scenarios", "lightning1024",
-         "--variants", "eager-alone", "--warm-passes", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+    run = run_script("gpu_speed.py", "--tiny", "--scenarios", "lightning1024", "--variants", "eager-alone",
+                     "--warm-passes", "1", "--out", str(tmp_path), timeout=240)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads((tmp_path / "gpu_speed.json").read_text())
     assert [(r["scenario"], r["variant"]) for r in rows] == [("lightning1024", "stock"), ("lightning1024", "eager-alone")]
@@ -28,20 +31,13 @@ def test_gpu_speed_smoke_run_reports_both_tables(tmp_path):
 
 
 def test_gpu_speed_refuses_an_order_that_would_mislabel_variants():
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--tiny", "--variants", "compiled,eager"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    run = run_script("gpu_speed.py", "--tiny", "--variants", "compiled,eager", timeout=120)
     assert run.returncode == 2
     assert "list variants in this order" in run.stderr
 
 
 def test_profile_mode_splits_a_forward_into_kinds_and_rates(tmp_path):
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--tiny", "--profile", "bf16", "--profile-text", "7",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    run = run_script("gpu_speed.py", "--tiny", "--profile", "bf16", "--profile-text", "7", "--out", str(tmp_path))
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((tmp_path / "forward_profile.json").read_text())["bf16"]
     assert summary["ms"]["matmul"] > 0 and summary["ms"]["attention"] > 0
@@ -70,11 +66,7 @@ def test_kernels_are_classified_by_name():
 
 def test_context_latency_smoke_run_compares_one_gpu_with_the_ranks(tmp_path):
     """Two gloo ranks on the CPU stand in for two GPUs: the script runs and the images agree."""
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "context_latency.py"), "--tiny", "--gpus", "2", "--jobs", "1",
-         "--dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    run = run_script("context_latency.py", "--tiny", "--gpus", "2", "--jobs", "1", "--dir", str(tmp_path))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith(("| single |", "| context |"))]
     assert len(rows) == 2

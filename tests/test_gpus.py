@@ -17,7 +17,7 @@ import gpus
 from config import ConfigError, Settings
 from service import EditService
 from tests.test_handler import SAMPLE, decoded
-from tests.test_runpod_worker import good_job, pixels, start_worker, stop_worker, standin  # noqa: F401
+from tests.test_runpod_worker import good_job, pixels, serve_jobs, standin  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -93,17 +93,9 @@ def test_two_replicas_share_the_jobs_and_give_one_devices_pixels(tiny_env, base_
 
 def test_replicas_through_the_runpod_worker_loop(standin, tiny_env, tmp_path):  # noqa: F811
     jobs = [good_job(i) for i in range(6)] + [dict(good_job(i), id=f"repeat-{i}") for i in range(2)]
-    standin.add_jobs(jobs)
-    log_path = tmp_path / "worker.log"
-    proc = start_worker(standin, tiny_env, log_path, GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1",
+    output = serve_jobs(standin, tiny_env, tmp_path, jobs, GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1",
                         MAX_CONCURRENCY="8")  # fmt: skip
-    try:
-        finished = standin.wait_for_results(len(jobs), timeout=240)
-    finally:
-        code, output = stop_worker(proc, log_path)
-    assert finished and code == 0, output[-4000:]
-    assert sorted(standin.results) == sorted(job["id"] for job in jobs)
-    assert all(len(answers) == 1 and "error" not in answers[0] for answers in standin.results.values())
+    assert all("error" not in answers[0] for answers in standin.results.values())
     assert "on lane 0" in output and "on lane 1" in output
     for i in range(2):
         assert np.abs(pixels(standin.results[f"good-{i}"][0]) - pixels(standin.results[f"repeat-{i}"][0])).max() <= 1

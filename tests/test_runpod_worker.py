@@ -55,6 +55,22 @@ def stop_worker(proc: subprocess.Popen, log_path: Path, timeout: float = 60) -> 
     return proc.returncode, log_path.read_text()
 
 
+def serve_jobs(standin: RunPodStandIn, tiny_env, tmp_path: Path, jobs: list[dict], **extra: str) -> str:
+    """Run `jobs` through a worker started as RunPod starts it, then SIGTERM it: each job is
+    answered exactly once and the worker exits 0. The worker's log."""
+    standin.add_jobs(jobs)
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(standin, tiny_env, log_path, **extra)
+    try:
+        finished = standin.wait_for_results(len(jobs), timeout=240)
+    finally:
+        code, output = stop_worker(proc, log_path)
+    assert finished and code == 0, output[-4000:]
+    assert sorted(standin.results) == sorted(job["id"] for job in jobs)
+    assert all(len(answers) == 1 for answers in standin.results.values())
+    return output
+
+
 def pixels(result: dict) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(result["output"]["output_image_base64"])))).astype(int)
 
