@@ -53,7 +53,8 @@ class Ranks:
 
     def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Every rank's `x`, concatenated along `dim` in rank order."""
-        stacked = funcol.all_gather_single(x.contiguous(), 0, group=self.group)  # [N * B, ...] in rank order
+        # all_gather_tensor, not all_gather_single: the latter is newer than torch 2.11
+        stacked = funcol.all_gather_tensor(x.contiguous(), 0, self.group)  # [N * B, ...] in rank order
         return torch.cat(stacked.chunk(self.size, dim=0), dim=dim)
 
     def joint_attention(self, attend, txt: tuple, img: tuple, text_mask: torch.Tensor | None):

@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--jobs", type=int, default=5)
+    parser.add_argument("--mode-timeout", type=int, default=900, help="seconds one mode may take")
     parser.add_argument("--tiny", action="store_true", help="the tiny model on CPU ranks (gloo)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -102,7 +103,7 @@ def main() -> None:
     for mode in ("single", "context"):
         done = subprocess.run([sys.executable, __file__, "--child", mode, "--gpus", str(args.gpus), "--jobs", str(args.jobs),
                                *(["--tiny"] if args.tiny else [])], env={**os.environ, **env}, capture_output=True,
-                              text=True, timeout=900)  # fmt: skip
+                              text=True, timeout=args.mode_timeout)  # fmt: skip
         lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if not lines:
             print(json.dumps({"mode": mode, "failed": done.stderr[-3000:]}), flush=True)
