@@ -29,6 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+import compilation
 from adapters import AdapterCache, AppliedLora
 from config import Settings
 from context_parallel import Ranks
@@ -187,8 +188,15 @@ def _serve(inbox, model, ranks: Ranks, device: torch.device, capacity: int) -> N
             return
         if kind == "forward":
             call = _tensors(payload, ranks, device)
-            with torch.inference_mode():
-                model.pipe.transformer(**call)
+            try:
+                with torch.inference_mode():
+                    model.pipe.transformer(**call)
+            except Exception as error:
+                if not (model.compiled and compilation.is_compile_failure(error)):
+                    raise
+                # rank 0's compile failed alike (while tracing, before any collective): it falls
+                # back to eager and repeats its warm-up, whose forwards it announces again
+                compilation.fall_back_to_eager(model, error)
             continue
         try:  # a LoRA rank 0 cannot use fails its job there; here it is only logged
             if kind == "apply":

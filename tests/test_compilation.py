@@ -48,6 +48,22 @@ def test_without_a_compiler_the_worker_falls_back_to_eager_with_one_warning(tiny
     assert np.abs(pixels - eager_pixels).max() == 0  # the eager transformer made it
 
 
+def test_without_a_compiler_context_mode_ranks_fall_back_to_eager_together(tiny_env, tmp_path, eager_pixels):
+    """Every rank's compile fails alike, while tracing, before any collective: the followers
+    fall back to eager as rank 0 does and stay in step with its repeated warm-up. (They used
+    to stop instead, and rank 0 then waited for them in a collective: on NCCL, forever.)"""
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    env = worker_env(tiny_env, COMPILE_TRANSFORMER="true", PATH=str(empty_bin), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+                     GPU_PARALLELISM="context", GPU_COUNT="2", MAX_LORAS="0")  # fmt: skip
+    env.pop("CXX", None)
+    log, pixels = run_job(env, tmp_path, "context")
+    warnings = [line for line in log.splitlines() if FALLBACK in line]
+    assert len(warnings) == 2, log[-3000:]  # rank 0 and rank 1, once each
+    assert "Traceback" not in log and "GPU processes" not in log, log[-6000:]
+    assert np.abs(pixels - eager_pixels).max() <= 1  # split attention sums in another order
+
+
 def test_with_a_compiler_the_transformer_is_compiled_and_matches_eager(tiny_env, tmp_path, eager_pixels):
     env = worker_env(tiny_env, COMPILE_TRANSFORMER="true", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     log, pixels = run_job(env, tmp_path, "compiled")
