@@ -85,6 +85,7 @@ class EditService:
         self.engine = self.engines[0]
         self._start_lock = threading.Lock()
         self._encodes = 0
+        self._serving: list[int] = []  # lanes whose replica has started, in the order they did
         # No lane serves before every replica is compiled; then nothing compiles any more.
         freeze = self._freeze_compiled if len(self.replicas) > 1 else None
         self._all_started = threading.Barrier(len(self.replicas), action=freeze)
@@ -122,6 +123,7 @@ class EditService:
                 while len(self.replicas) > 1 and self._warm_up_while_idle(lane):
                     pass  # replicas compile their LoRA slots and batches now: nothing may compile once they serve
             self._all_started.wait()
+            self._serving.append(lane)
         except BaseException:
             self._all_started.abort()  # the other lanes stop waiting: the worker is broken
             raise
@@ -137,10 +139,14 @@ class EditService:
             log.info("LORAS ready: %s", ", ".join(lora.path for lora in self.default_loras))
 
     def _encoder(self) -> EditEngine:
-        """The replica whose text encoder encodes the next job's prompt ahead: each in turn, so
-        that with N GPUs N prompts are encoded at once (any replica's embeddings serve any GPU)."""
+        """The replica whose text encoder encodes the next job's prompt ahead: each started one
+        in turn, so that with N GPUs N prompts are encoded at once (any replica's embeddings
+        serve any GPU). Until they have started, the first: asking another replica for its
+        model would load it here, out of the start order, and its compile would break the
+        graphs the first one is running meanwhile (seen on two H200s)."""
+        serving = list(self._serving) or [0]
         self._encodes += 1
-        return self.engines[self._encodes % len(self.engines)]
+        return self.engines[serving[self._encodes % len(serving)]]
 
     def _compile_ahead(self, lane: int, model) -> None:
         """The replica's compile warm-up, while its text encoder is still to load (`model_loader`)."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import gpus
+import model_loader
 from config import ConfigError, Settings
 from service import EditService
 from tests.test_handler import SAMPLE, decoded
@@ -61,9 +62,10 @@ def test_two_replicas_share_the_jobs_and_give_one_devices_pixels(tiny_env, base_
     jobs = [{"id": f"j{i}", "input": {"prompt": f"prompt {i % 3}", "image_base64": SAMPLE, "seed": 10 + i,
                                        "num_inference_steps": 2, "width": 64, "height": 64}} for i in range(6)]  # fmt: skip
 
-    async def serve(service: EditService) -> list[dict]:
+    async def serve(service: EditService, close: bool = True) -> list[dict]:
         answers = await asyncio.gather(*(service.handle(job) for job in jobs))
-        service.batcher.close(10)
+        if close:
+            service.batcher.close(10)
         return answers
 
     service = EditService(replicated)
@@ -81,14 +83,50 @@ def test_two_replicas_share_the_jobs_and_give_one_devices_pixels(tiny_env, base_
             return real(requests)
 
         engine.run_batch = recorded
-    two = asyncio.run(serve(service))
+    two = asyncio.run(serve(service, close=False))
     assert service.replicas[0].get() is not service.replicas[1].get()  # two pipelines
     assert lanes_used == {"gpu-batcher", "gpu-batcher-1"}
+    encoders.clear()
+    asyncio.run(serve(service))  # every replica has started now
     assert encoders == {0, 1}  # prompts are encoded ahead on both replicas in turn
     one = asyncio.run(serve(EditService(Settings.from_env(tiny_env(MAX_BATCH_SIZE="1")), holder=base_holder)))
     for a, b in zip(two, one):
         assert a["seed"] == b["seed"]
         assert np.array_equal(np.asarray(decoded(a["output_image_base64"])), np.asarray(decoded(b["output_image_base64"])))
+
+
+def test_a_job_that_comes_while_replicas_start_does_not_load_the_next_one_out_of_turn(tiny_env, monkeypatch):
+    """Its prompt is encoded ahead on the first replica. Asking the second's engine would load
+    it on the event loop while the first still compiles, and compiling the second then breaks
+    the first's graphs (seen on two H200s: "Detected that you are using FX to symbolically
+    trace a dynamo-optimized function")."""
+    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1")))
+    events: list[str] = []
+    first = service.replicas[0]
+    real_first, real_load = first.get, model_loader.load_model
+
+    def first_get():
+        model = real_first()
+        if threading.current_thread().name == "gpu-batcher" and "first started" not in events:
+            threading.Event().wait(1.0)  # the first replica's compile warm-up
+            events.append("first started")
+        return model
+
+    def load_model(settings, device, replica=0, *args, **kwargs):
+        if replica:
+            events.append("second loads")
+        return real_load(settings, device, replica, *args, **kwargs)
+
+    first.get = first_get
+    monkeypatch.setattr(model_loader, "load_model", load_model)
+
+    async def serve():
+        answer = await service.handle({"id": "j", "input": {"prompt": "x", "image_base64": SAMPLE, "num_inference_steps": 1}})
+        service.batcher.close(10)
+        return answer
+
+    assert "output_image_base64" in asyncio.run(serve())
+    assert events == ["first started", "second loads"]
 
 
 def test_replicas_through_the_runpod_worker_loop(standin, tiny_env, tmp_path):  # noqa: F811
