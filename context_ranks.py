@@ -12,8 +12,11 @@ per-request LoRAs go the same way (`MirroredAdapters`): each follower makes the 
 to its own transformer, from the same LoRA file on the same disk, before the next forward.
 
 A follower that has stopped makes the next forward fail at once (`RankLost`); the worker then
-retires and every job it holds is answered once (`service`). A rank that stops or hangs in
-the middle of a forward fails it once the process group's timeout (`TIMEOUT`) has passed.
+retires and every job it holds is answered once (`service`). One that stops in the middle of
+a forward is seen by a watch on its process (`watch`): on NCCL, which does not notice a peer
+that is gone, the watch ends the process group, so that rank 0's waiting collective fails
+instead of waiting out the group's timeout (gloo notices by itself). A rank that hangs fails
+the forward once the process group's timeout (`TIMEOUT`) has passed.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import tempfile
+import threading
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -75,6 +81,7 @@ class Followers:
             for rank, (device, inbox) in enumerate(zip(devices[1:], self._inboxes), start=1)
         ]  # fmt: skip
         self._ranks: Ranks | None = None
+        self._stopping = False
         for process in self.processes:
             process.start()
         log.info("GPU_PARALLELISM=context: %d follower processes started", len(self.processes))
@@ -96,7 +103,18 @@ class Followers:
             raise RankLost(f"the GPU processes could not form a process group: {why}") from error
         log.info("process group formed: %d ranks (%s)", ranks.size, _backend(self.devices[0]))
         self._ranks = dataclasses.replace(ranks, announce=self.announce, tell=self.tell)
+        watch(self.processes, self._lost_while_serving)
         return self._ranks
+
+    def _lost_while_serving(self, names: list[str]) -> None:
+        if self._stopping or not dist.is_initialized():
+            return
+        log.error("%s stopped: ending the process group, the worker retires", ", ".join(names))
+        if _backend(self.devices[0]) == "nccl":
+            try:
+                abort_group()
+            except Exception:  # noqa: BLE001 - then the group's timeout ends the wait instead
+                log.exception("could not end the process group")
 
     def _wait_until_imported(self) -> None:
         """Until every follower has imported its libraries (that takes a while, and the group's
@@ -135,6 +153,7 @@ class Followers:
 
     def stop(self) -> None:
         """Let the followers leave their loop, then end them and this rank's group."""
+        self._stopping = True
         if self._ranks is not None and not self.lost():
             self.announce(None)
         for process in self.processes:
@@ -143,6 +162,25 @@ class Followers:
                 process.terminate()
         if self._ranks is not None and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def watch(processes: list, on_stop: Callable[[list[str]], None]) -> threading.Thread:
+    """Call `on_stop` with the names of those that ended (on a thread of its own) as soon as
+    any of `processes` ends."""
+
+    def wait() -> None:
+        ended = multiprocessing.connection.wait([process.sentinel for process in processes])
+        on_stop([process.name for process in processes if process.sentinel in ended])
+
+    thread = threading.Thread(target=wait, name="rank-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def abort_group() -> None:
+    """End this process's NCCL communicators: a collective waiting on them fails at once.
+    (torch's API for it is still marked experimental; it exists from torch 2.6 on.)"""
+    dist.distributed_c10d._abort_process_group()
 
 
 def lead(model, ranks: Ranks, capacity: int) -> None:

@@ -214,12 +214,16 @@ class EditService:
     def _run_on_ranks(self, engine: EditEngine, requests: list[EditRequest]) -> list[EditResult]:
         """`engine.run_batch`; with GPU_PARALLELISM=context, a failure after a follower stopped is `RankLost`."""
         try:
-            return engine.run_batch(requests)
+            results = engine.run_batch(requests)
         except Exception as error:
             lost = self.followers.lost() if self.followers is not None else []
             if lost:
                 raise RankLost(f"{', '.join(lost)} of the GPU processes stopped") from error
             raise
+        if self.followers is not None and (lost := self.followers.lost()):
+            # on NCCL the watch ended the group mid-batch: what the aborted collectives left is not an image
+            raise RankLost(f"{', '.join(lost)} of the GPU processes stopped")
+        return results
 
     async def handle(self, job: dict) -> dict:
         started = time.perf_counter()

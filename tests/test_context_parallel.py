@@ -74,7 +74,8 @@ def _service_job(job_id: str, prompt: str) -> dict:
 
 
 @pytest.mark.parametrize("compiled", ["false", "true"], ids=["eager", "compiled"])
-def test_context_mode_gives_one_process_pixels_and_a_lost_rank_retires_the_worker(tiny_env, tmp_path, monkeypatch, compiled):
+def test_context_mode_gives_one_process_pixels_and_a_lost_rank_retires_the_worker(tiny_env, tmp_path, monkeypatch, compiled,
+                                                                                 caplog):  # fmt: skip
     import asyncio
     import time
 
@@ -103,6 +104,31 @@ def test_context_mode_gives_one_process_pixels_and_a_lost_rank_retires_the_worke
         service.close()
     assert lost["refresh_worker"] is True and "GPU processes stopped" in lost["error"]
     assert len(broken) == 1  # retired once
+    assert "rank-1 stopped: ending the process group" in caplog.text  # the watch saw it at once
+
+
+def _exit_after(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+def test_the_watch_calls_back_when_a_process_ends_and_not_before():
+    import multiprocessing
+    import threading
+    import time
+
+    import context_ranks
+
+    process = multiprocessing.get_context("spawn").Process(target=_exit_after, args=(2.0,))
+    process.start()
+    called, names = threading.Event(), []
+    start = time.perf_counter()
+    context_ranks.watch([process], lambda ended: (names.extend(ended), called.set()))
+    assert not called.wait(0.5)
+    assert called.wait(30) and time.perf_counter() - start >= 1.5
+    assert names == [process.name]
+    process.join()
 
 
 def test_a_rank_killed_in_the_middle_of_a_job_fails_it_once_and_retires_the_worker(tiny_env):

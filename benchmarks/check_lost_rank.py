@@ -1,0 +1,69 @@
+"""On two GPUs: a rank that dies while rank 0 waits for it in an NCCL collective.
+
+    python3 benchmarks/check_lost_rank.py
+
+NCCL does not notice a peer process that is gone: rank 0's collective would wait for the
+process group's timeout (10 minutes in context mode). `context_ranks.watch` sees the process
+end and `context_ranks.abort_group` ends the communicators. Rank 1 takes part in one
+all-reduce and exits; rank 0 starts a second and waits for it. PASS if that wait ends within
+60 s (with the time and what it raised, or that it returned), FAIL otherwise.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import context_ranks  # noqa: E402
+
+
+def join(store: str, rank: int) -> None:
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(minutes=10),
+                            device_id=torch.device("cuda", rank))  # fmt: skip
+
+
+def follower(store: str) -> None:
+    join(store, 1)
+    dist.all_reduce(torch.ones(1 << 20, device="cuda:1"))
+    torch.cuda.synchronize()
+    time.sleep(3)  # rank 0 is waiting in the next all-reduce by now
+    os._exit(3)  # gone without a word, as a crashed or killed process
+
+
+def main() -> None:
+    store = os.path.join(tempfile.mkdtemp(), "store")
+    process = multiprocessing.get_context("spawn").Process(target=follower, args=(store,), name="rank-1")
+    process.start()
+    join(store, 0)
+    dist.all_reduce(torch.ones(1 << 20, device="cuda:0"))
+    torch.cuda.synchronize()
+    ended = []
+    context_ranks.watch([process], lambda names: (ended.append(time.perf_counter()), context_ranks.abort_group()))
+    start = time.perf_counter()
+    outcome = "returned"
+    try:
+        for _ in range(3):
+            dist.all_reduce(torch.ones(1 << 20, device="cuda:0"))
+            torch.cuda.synchronize()
+    except Exception as error:  # noqa: BLE001 - what it raises is what this check reports
+        outcome = f"raised {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    waited = time.perf_counter() - start
+    seen = f"{ended[0] - start:.1f} s" if ended else "never"
+    verdict = "PASS" if waited < 60 else "FAIL"
+    print(f"{verdict}: rank 1 exited ({process.exitcode}); the watch saw it after {seen}; rank 0's wait ended after {waited:.1f} s and {outcome}", flush=True)
+    os._exit(0 if verdict == "PASS" else 1)
+
+
+if __name__ == "__main__":
+    main()
