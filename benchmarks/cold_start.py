@@ -1,6 +1,7 @@
 """A new worker's cold start at real size: each stage's end, and the raw read of the same files.
 
     python3 benchmarks/cold_start.py --dir /tmp/cold --runs bf16/empty/3,bf16/warm/3,fp8/empty/0 [--importtime]
+        [--gpu-parallelism single]   # the default: one GPU, whatever the machine has; auto: as a worker
 
 Once per --dir: builds the real-size pipeline with random weights (`gpu_speed.build_pipeline`),
 saves it with `save_pretrained` (what a downloaded model is on disk), and writes a rank-64
@@ -148,6 +149,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", required=True)
     parser.add_argument("--runs", default="bf16/empty/3,bf16/warm/3", help="PRECISION/CACHE/MAX_LORAS, comma-separated")
+    parser.add_argument("--gpu-parallelism", default="single",
+                        help="GPU_PARALLELISM of the started workers (auto on several GPUs starts replicas)")
     parser.add_argument("--importtime", action="store_true", help="report each start's slowest imports")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,7 +171,8 @@ def main() -> None:
             shutil.rmtree(folder / "volume" / "torchinductor", ignore_errors=True)
         drop_page_cache(files)
         env = {**os.environ, "MODEL_ID": str(folder / "model"), "MODEL_DIR": str(folder / "volume"),
-               "PRECISION_MODE": precision, "MAX_LORAS": max_loras, "MAX_BATCH_SIZE": "1"}  # fmt: skip
+               "PRECISION_MODE": precision, "MAX_LORAS": max_loras, "MAX_BATCH_SIZE": "1",
+               "GPU_PARALLELISM": args.gpu_parallelism}  # fmt: skip
         python = [sys.executable, "-X", "importtime"] if args.importtime else [sys.executable]
         done = subprocess.run([*python, __file__, "--dir", args.dir, "--child"], env=env, capture_output=True,
                               text=True, timeout=560)  # fmt: skip

@@ -9,8 +9,8 @@ in a fresh process: `EditService` with `GPU_PARALLELISM=single` (one GPU) or `co
 --gpus GPUs, `MAX_LORAS=0`, `MAX_BATCH_SIZE=1`, compiled and warmed up as at start; then one
 untimed job and --jobs timed ones, one at a time (1024² output from a 1024² input, 8
 Lightning steps, the same seed). It prints each mode's median latency and stages, the
-largest GPU memory in use on any GPU (nvidia-smi), and the largest pixel difference from the
-single-GPU image.
+largest GPU memory in use on any GPU (nvidia-smi) and rank 0's peak allocated and reserved by
+torch, and the largest pixel difference from the single-GPU image.
 """
 
 from __future__ import annotations
@@ -60,9 +60,14 @@ def child(mode: str, gpus: int, jobs: int, side: int) -> None:
             latencies.append(time.perf_counter() - start)
         answers.append(answer)
     memory = gpu_memory_gib()
+    import torch  # rank 0's own share: allocated by tensors, and held by the caching allocator
+
+    gib = 1 << 30
+    own = {"rank0_allocated_gib": round(torch.cuda.max_memory_allocated(0) / gib, 1),
+           "rank0_reserved_gib": round(torch.cuda.max_memory_reserved(0) / gib, 1)} if torch.cuda.is_available() else {}  # fmt: skip
     service.close()
     print("RESULT " + json.dumps({"mode": mode, "latency_s": round(statistics.median(latencies), 3),
-                                  "timings_ms": answers[-1].get("timings_ms"), "gpu_gib": memory,
+                                  "timings_ms": answers[-1].get("timings_ms"), "gpu_gib": memory, **own,
                                   "image": answers[-1]["output_image_base64"]}), flush=True)  # fmt: skip
     os._exit(0)
 
