@@ -59,6 +59,7 @@ class Settings:
     reference_image_area: int = STOCK_REFERENCE_AREA
     batch_cfg: bool = False
     compile_transformer: bool | None = None  # None: auto (on a GPU)
+    compile_while_loading: bool = False
     max_concurrency: int = 8
     max_batch_size: int = 4
     batch_wait_ms: int = 50
@@ -137,6 +138,7 @@ class Settings:
             # Two batches' worth: one batch runs on the GPU while the next one fills.
             batch_cfg=env.boolean("CFG_BATCHING", cls.batch_cfg),
             compile_transformer=env.auto_boolean("COMPILE_TRANSFORMER"),
+            compile_while_loading=env.boolean("COMPILE_WHILE_LOADING", cls.compile_while_loading),
             max_concurrency=env.integer("MAX_CONCURRENCY", 2 * max_batch, 1, 256),
             max_batch_size=max_batch,
             batch_wait_ms=env.integer("BATCH_WAIT_MS", cls.batch_wait_ms, 0, 10_000),

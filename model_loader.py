@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,7 @@ import context_parallel
 import context_ranks
 import fp8
 import rope_attention
+import stand_in
 from compilation import compile_transformer, should_compile
 from config import Settings
 from context_parallel import Ranks
@@ -295,7 +297,12 @@ def _load_staged(settings: Settings, path: str, device: torch.device, dtype: tor
     VAE: Lightning fused, fp8, LoRA slots, and compiled by `compile_ahead` (warm-up edits with
     random prompt embeddings). Then the text encoder (16.6 GB of the 58), which `prefetch` has
     been reading from disk while the compile ran, instead of the compile waiting for it."""
-    pipe = _load_onto(path, dtype, device, "the transformer and the VAE", **dict.fromkeys(TEXT_PARTS))
+    parts = dict.fromkeys(TEXT_PARTS)
+    stand_in_pays = settings.compile_while_loading and ranks is None and should_compile(settings, device, False, "none")
+    if compile_ahead is not None and stand_in_pays:
+        pipe = _load_while_compiling(settings, path, device, dtype, restoring, compile_ahead)
+    else:
+        pipe = _load_onto(path, dtype, device, "the transformer and the VAE", **parts)
     model = _prepared(settings, pipe, device, dtype, "none", restoring, ranks)
     if compile_ahead is not None and model.compiled:
         with timed(log, "compiling before the text encoder loads"):
@@ -305,21 +312,63 @@ def _load_staged(settings: Settings, path: str, device: torch.device, dtype: tor
     return model
 
 
+def _load_while_compiling(settings: Settings, path: str, device: torch.device, dtype: torch.dtype, restoring,
+                          compile_ahead: Callable[[LoadedModel], None]):  # fmt: skip
+    """COMPILE_WHILE_LOADING: the transformer and the VAE read on a thread while this one runs
+    `compile_ahead` on a one-block stand-in (`stand_in`), whose graphs the real blocks then
+    find. The stand-in is built and prepared before the read starts: diffusers' loading
+    patches module construction for the whole process while it runs."""
+    with timed(log, "preparing a one-block stand-in to compile on"):
+        pipe = stand_in.one_block_pipeline(path, device, dtype)
+        slots = _shaped(settings, pipe, None, True, restoring)
+        model = _loaded(settings, pipe, device, dtype, "none", True, slots)
+
+    def read():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # diffusers' device_map="cuda" means the thread's current GPU
+        return _load_onto(path, dtype, device, "the transformer and the VAE", **dict.fromkeys(TEXT_PARTS))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="weights") as pool:
+        reading = pool.submit(read)
+        try:
+            with timed(log, "compiling on the stand-in while the weights load"):
+                compile_ahead(model)
+        except Exception as error:  # noqa: BLE001 - the real transformer compiles after loading instead
+            log.warning("compiling on the stand-in failed (%s); compiling after loading instead", _first_line(error))
+        del model, pipe
+        return reading.result()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
 def _prepared(settings: Settings, pipe, device: torch.device, dtype: torch.dtype, offload: str, restoring,
               ranks: Ranks | None = None) -> LoadedModel:  # fmt: skip
-    """`pipe` made ready to serve: Lightning fused, placed, fp8, LoRA slots, set up to compile."""
+    """`pipe` made ready to serve: Lightning fused, placed, then `_shaped`."""
     pipe.set_progress_bar_config(disable=True)
     bnb_quantized = settings.uses_bitsandbytes
     if settings.use_lightning_lora:
         _load_lightning(pipe, settings, bnb_quantized)
     _place(pipe, offload, device, bnb_quantized)
+    compiled = should_compile(settings, device, bnb_quantized, offload)
+    slots = _shaped(settings, pipe, ranks, compiled, restoring)
+    model = _loaded(settings, pipe, device, dtype, offload, compiled, slots)
+    if ranks is not None:
+        context_ranks.lead(model, ranks, settings.max_loaded_loras)  # rank 0: the followers do as it does
+    return model
+
+
+def _shaped(settings: Settings, pipe, ranks: Ranks | None, compiled: bool, restoring) -> tuple[str, ...]:
+    """The transformer as it will run: real-valued RoPE, split across `ranks`, fp8, the
+    attention options, LoRA slots and the compile set up. Returns the slots' names."""
     rope_attention.install(pipe.transformer)
     if ranks is not None:
         context_parallel.enable(pipe.transformer, ranks)
     if settings.precision_mode == "fp8":
         fp8.quantize(pipe.transformer)
     _apply_memory_options(pipe, settings)
-    compiled = should_compile(settings, device, bnb_quantized, offload)
     slots: tuple[str, ...] = ()
     if compiled and settings.max_loras > 0 and settings.precision_mode != "fp8":
         # Before compiling: per-request LoRAs are then hot-swapped without recompiling.
@@ -329,17 +378,19 @@ def _prepared(settings: Settings, pipe, device: torch.device, dtype: torch.dtype
         restoring.join()  # the mirrored compile cache, copied while the weights loaded
     if compiled:
         compile_transformer(pipe, settings)
+    return slots
+
+
+def _loaded(settings: Settings, pipe, device: torch.device, dtype: torch.dtype, offload: str, compiled: bool,
+            slots: tuple[str, ...]) -> LoadedModel:  # fmt: skip
     precision = (
         settings.precision_mode
         if settings.precision_mode != "bf16"
         else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     )
-    base_adapters = ("lightning",) if settings.use_lightning_lora and bnb_quantized else ()
-    model = LoadedModel(pipe, device, dtype, precision, settings.use_lightning_lora, offload, compiled, base_adapters,
-                        lora_slots=slots, lora_rank=settings.max_lora_rank if slots else 0)  # fmt: skip
-    if ranks is not None:
-        context_ranks.lead(model, ranks, settings.max_loaded_loras)  # rank 0: the followers do as it does
-    return model
+    base_adapters = ("lightning",) if settings.use_lightning_lora and settings.uses_bitsandbytes else ()
+    return LoadedModel(pipe, device, dtype, precision, settings.use_lightning_lora, offload, compiled, base_adapters,
+                       lora_slots=slots, lora_rank=settings.max_lora_rank if slots else 0)  # fmt: skip
 
 
 class ModelHolder:

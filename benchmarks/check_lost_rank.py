@@ -61,7 +61,8 @@ def main() -> None:
     waited = time.perf_counter() - start
     seen = f"{ended[0] - start:.1f} s" if ended else "never"
     verdict = "PASS" if waited < 60 else "FAIL"
-    print(f"{verdict}: rank 1 exited ({process.exitcode}); the watch saw it after {seen}; rank 0's wait ended after {waited:.1f} s and {outcome}", flush=True)
+    print(f"{verdict}: rank 1 exited ({process.exitcode}); the watch saw it after {seen}; "
+          f"rank 0's wait ended after {waited:.1f} s and {outcome}", flush=True)
     os._exit(0 if verdict == "PASS" else 1)
 
 

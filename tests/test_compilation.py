@@ -54,8 +54,8 @@ def test_without_a_compiler_context_mode_ranks_fall_back_to_eager_together(tiny_
     to stop instead, and rank 0 then waited for them in a collective: on NCCL, forever.)"""
     empty_bin = tmp_path / "bin"
     empty_bin.mkdir()
-    env = worker_env(tiny_env, COMPILE_TRANSFORMER="true", PATH=str(empty_bin), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
-                     GPU_PARALLELISM="context", GPU_COUNT="2", MAX_LORAS="0")  # fmt: skip
+    env = worker_env(tiny_env, COMPILE_TRANSFORMER="true", PATH=str(empty_bin), GPU_PARALLELISM="context", GPU_COUNT="2",
+                     MAX_LORAS="0", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))  # fmt: skip
     env.pop("CXX", None)
     log, pixels = run_job(env, tmp_path, "context")
     warnings = [line for line in log.splitlines() if FALLBACK in line]
@@ -199,3 +199,57 @@ def test_the_transformer_compiles_before_the_text_encoder_loads_and_the_warm_up_
     assert math.isclose(model.pipe.scheduler.config.base_shift, math.log(3))  # Lightning's scheduler carried over
     warm_up(model, engine.warm_up)
     assert counters["stats"]["unique_graphs"] == seen["graphs"]  # the real prompts' lengths reuse those graphs
+
+
+@pytest.mark.parametrize("slots", ["0", "1"])
+def test_compiling_while_loading_leaves_the_real_transformer_no_graph_to_compile(tiny_env, tmp_path, monkeypatch, slots):
+    """COMPILE_WHILE_LOADING: the warm-ups run on a one-block stand-in while a thread reads the
+    weights; the loaded transformer's blocks find those graphs. Without the stand-in (the
+    control) the same warm-ups do compile, so the count can tell."""
+    import threading
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    import model_loader
+    from compilation import warm_up
+    from engine import EditEngine
+    from model_loader import ModelHolder
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled_on = {}
+
+    def start(stand_in: bool):
+        torch._dynamo.reset()  # no graph from earlier tests
+        settings = Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS=slots, USE_LIGHTNING_LORA="true",
+                                              COMPILE_WHILE_LOADING=str(stand_in).lower()))  # fmt: skip
+
+        def compile_ahead(model):
+            before = counters["stats"]["unique_graphs"]
+            engine.compile_ahead(model)
+            layers = model.pipe.transformer.config.num_layers
+            compiled_on[layers] = compiled_on.get(layers, 0) + counters["stats"]["unique_graphs"] - before
+
+        holder = ModelHolder(settings, compile_ahead=compile_ahead)
+        engine = EditEngine(settings, holder.get)
+        model = holder.get()
+        warm_up(model, engine.warm_up)
+        return model, engine
+
+    real_load, threads = model_loader._load_onto, []
+
+    def load_onto(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(model_loader, "_load_onto", load_onto)
+    model, engine = start(stand_in=True)
+    real_layers = model.pipe.transformer.config.num_layers
+    assert real_layers > 1 and compiled_on[1] > 0  # the stand-in has one block, and compiled
+    assert compiled_on[real_layers] == 0  # the real blocks found every graph
+    assert threads[0].startswith("weights") and threads[1] == threading.current_thread().name  # the read ran beside it
+    assert model.compiled and len(model.lora_slots) == int(slots)
+
+    compiled_on.clear()
+    start(stand_in=False)
+    assert compiled_on[real_layers] > 0  # the control: the same warm-ups compile on the real blocks
