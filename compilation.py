@@ -56,10 +56,15 @@ def is_compile_failure(error: BaseException) -> bool:
     return isinstance(error, torch._dynamo.exc.TorchDynamoException)
 
 
+def first_line(error: BaseException) -> str:
+    """What a compile error says, in one line for the log (inductor's run to pages)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
 def fall_back_to_eager(model, error: BaseException) -> None:
     """Serve with the eager transformer from now on; say so once."""
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    log.warning("torch.compile failed (%s); serving with the eager transformer instead", reason[:300])
+    log.warning("torch.compile failed (%s); serving with the eager transformer instead", first_line(error))
     uncompile(model.pipe)
     model.compiled = False
 

@@ -297,12 +297,11 @@ def _load_staged(settings: Settings, path: str, device: torch.device, dtype: tor
     VAE: Lightning fused, fp8, LoRA slots, and compiled by `compile_ahead` (warm-up edits with
     random prompt embeddings). Then the text encoder (16.6 GB of the 58), which `prefetch` has
     been reading from disk while the compile ran, instead of the compile waiting for it."""
-    parts = dict.fromkeys(TEXT_PARTS)
-    stand_in_pays = settings.compile_while_loading and ranks is None and should_compile(settings, device, False, "none")
-    if compile_ahead is not None and stand_in_pays:
+    on_stand_in = settings.compile_while_loading and ranks is None and should_compile(settings, device, False, "none")
+    if compile_ahead is not None and on_stand_in:
         pipe = _load_while_compiling(settings, path, device, dtype, restoring, compile_ahead)
     else:
-        pipe = _load_onto(path, dtype, device, "the transformer and the VAE", **parts)
+        pipe = _load_onto(path, dtype, device, "the transformer and the VAE", **dict.fromkeys(TEXT_PARTS))
     model = _prepared(settings, pipe, device, dtype, "none", restoring, ranks)
     if compile_ahead is not None and model.compiled:
         with timed(log, "compiling before the text encoder loads"):
@@ -334,14 +333,9 @@ def _load_while_compiling(settings: Settings, path: str, device: torch.device, d
             with timed(log, "compiling on the stand-in while the weights load"):
                 compile_ahead(model)
         except Exception as error:  # noqa: BLE001 - the real transformer compiles after loading instead
-            log.warning("compiling on the stand-in failed (%s); compiling after loading instead", _first_line(error))
+            log.warning("compiling on the stand-in failed (%s); compiling after loading instead", compilation.first_line(error))
         del model, pipe
         return reading.result()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def _prepared(settings: Settings, pipe, device: torch.device, dtype: torch.dtype, offload: str, restoring,
