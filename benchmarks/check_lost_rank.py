@@ -16,7 +16,6 @@ import os
 import sys
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,9 +27,7 @@ import context_ranks  # noqa: E402
 
 
 def join(store: str, rank: int) -> None:
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(minutes=10),
-                            device_id=torch.device("cuda", rank))  # fmt: skip
+    context_ranks._join(store, rank, 2, torch.device("cuda", rank), context_ranks.TIMEOUT)  # as the worker's ranks join
 
 
 def follower(store: str) -> None:
