@@ -71,3 +71,10 @@ def test_context_latency_smoke_run_compares_one_gpu_with_the_ranks(tmp_path):
     rows = [line for line in run.stdout.splitlines() if line.startswith(("| single |", "| context |"))]
     assert len(rows) == 2
     assert rows[1].split("|")[-2].strip() in ("0", "1")  # the largest pixel difference from one GPU's image
+
+
+def test_check_lost_rank_smoke_run_sees_the_rank_go():
+    """On gloo, which notices a lost peer by itself: the script's ranks, watch and report work."""
+    run = run_script("check_lost_rank.py", "--cpu", timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "PASS: rank 1 exited (3); the watch saw it after" in run.stdout
