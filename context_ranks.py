@@ -133,6 +133,11 @@ class Followers:
         """The followers that have stopped."""
         return [process.name for process in self.processes if not process.is_alive()]
 
+    def check(self) -> None:
+        """`RankLost` if a follower has stopped."""
+        if lost := self.lost():
+            raise RankLost(f"{', '.join(lost)} of the GPU processes stopped")
+
     def announce(self, call: dict | None) -> None:
         """Tell every follower about one forward (None: stop), then send its tensors."""
         tensors = {name: value for name, value in (call or {}).items() if isinstance(value, torch.Tensor)}
@@ -146,8 +151,7 @@ class Followers:
 
     def tell(self, kind: str, payload: object) -> None:
         """Put one message in every follower's queue; a stopped follower fails it at once."""
-        if lost := self.lost():
-            raise RankLost(f"{', '.join(lost)} of the GPU processes stopped")
+        self.check()
         for inbox in self._inboxes:
             inbox.put((kind, payload))
 

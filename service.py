@@ -215,14 +215,13 @@ class EditService:
         """`engine.run_batch`; with GPU_PARALLELISM=context, a failure after a follower stopped is `RankLost`."""
         try:
             results = engine.run_batch(requests)
-        except Exception as error:
-            lost = self.followers.lost() if self.followers is not None else []
-            if lost:
-                raise RankLost(f"{', '.join(lost)} of the GPU processes stopped") from error
+        except Exception:
+            if self.followers is not None:
+                self.followers.check()  # the failure is the stopped follower's (chained as its context)
             raise
-        if self.followers is not None and (lost := self.followers.lost()):
+        if self.followers is not None:
             # on NCCL the watch ended the group mid-batch: what the aborted collectives left is not an image
-            raise RankLost(f"{', '.join(lost)} of the GPU processes stopped")
+            self.followers.check()
         return results
 
     async def handle(self, job: dict) -> dict:

@@ -107,12 +107,6 @@ def test_context_mode_gives_one_process_pixels_and_a_lost_rank_retires_the_worke
     assert "rank-1 stopped: ending the process group" in caplog.text  # the watch saw it at once
 
 
-def _exit_after(seconds: float) -> None:
-    import time
-
-    time.sleep(seconds)
-
-
 def test_the_watch_calls_back_when_a_process_ends_and_not_before():
     import multiprocessing
     import threading
@@ -120,7 +114,7 @@ def test_the_watch_calls_back_when_a_process_ends_and_not_before():
 
     import context_ranks
 
-    process = multiprocessing.get_context("spawn").Process(target=_exit_after, args=(2.0,))
+    process = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(2.0,))
     process.start()
     called, names = threading.Event(), []
     start = time.perf_counter()
