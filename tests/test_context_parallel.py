@@ -30,16 +30,21 @@ def _inputs(transformer) -> list[dict]:
     return [*cases, batch]
 
 
-def _rank(rank: int, world: int, store: str, path: str, compiled: bool, results: str) -> None:
+def _rank(rank: int, world: int, store: str, path: str | None, compiled: bool, results: str) -> None:
     import torch.distributed as dist
     from diffusers import QwenImageTransformer2DModel
     from torch._dynamo.utils import counters
 
     import context_parallel
     import rope_attention
+    from tiny_model import TINY_TRANSFORMER
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    transformer = QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer").float().eval()
+    if path is None:  # two heads per rank, from the same seed on every rank
+        torch.manual_seed(0)
+        transformer = QwenImageTransformer2DModel(**dict(TINY_TRANSFORMER, num_attention_heads=2 * world)).float().eval()
+    else:
+        transformer = QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer").float().eval()
     rope_attention.install(transformer)
     cases = _inputs(transformer)
     with torch.inference_mode():
@@ -64,6 +69,15 @@ def test_two_ranks_give_one_process_result_for_texts_of_any_length(tiny_settings
         result = json.loads((tmp_path / f"result.{rank}").read_text())
         assert max(result["errors"]) <= 1e-5, result  # float32
         assert result["breaks"] == 0  # no .item(), no graph break: the split sizes are the host's
+
+
+def test_four_ranks_with_two_heads_each_give_one_process_result(tmp_path):
+    # the tiny pipeline has two heads, one per rank: here each rank sends and receives head
+    # groups among three peers, which is where an order of sources or heads could go wrong
+    mp.spawn(_rank, args=(4, str(tmp_path / "store"), None, False, str(tmp_path / "result")), nprocs=4)
+    for rank in range(4):
+        result = json.loads((tmp_path / f"result.{rank}").read_text())
+        assert max(result["errors"]) <= 1e-5, result
 
 
 def _service_job(job_id: str, prompt: str) -> dict:
