@@ -296,7 +296,8 @@ def _load_staged(settings: Settings, path: str, device: torch.device, dtype: tor
     """Weights that fit, straight onto `device`, in two steps. First the transformer and the
     VAE: Lightning fused, fp8, LoRA slots, and compiled by `compile_ahead` (warm-up edits with
     random prompt embeddings). Then the text encoder (16.6 GB of the 58), which `prefetch` has
-    been reading from disk while the compile ran, instead of the compile waiting for it."""
+    been reading from disk while the compile ran, instead of the compile waiting for it. The
+    followers of context mode (rank > 0) load no text encoder."""
     on_stand_in = settings.compile_while_loading and ranks is None and should_compile(settings, device, False, "none")
     if compile_ahead is not None and on_stand_in:
         pipe = _load_while_compiling(settings, path, device, dtype, restoring, compile_ahead)
@@ -306,6 +307,8 @@ def _load_staged(settings: Settings, path: str, device: torch.device, dtype: tor
     if compile_ahead is not None and model.compiled:
         with timed(log, "compiling before the text encoder loads"):
             compilation.warm_up(model, functools.partial(compile_ahead, model))
+    if ranks is not None and ranks.rank > 0:
+        return model  # a follower runs only the transformer: rank 0 encodes the prompts
     given = {name: part for name, part in pipe.components.items() if name not in TEXT_PARTS}
     model.pipe = _load_onto(path, dtype, device, "the text encoder", **given)
     return model

@@ -78,6 +78,16 @@ def test_weights_that_fit_are_read_straight_onto_the_device(base_holder):
     assert base_holder.get().pipe.hf_device_map == "cpu"  # the tiny model's device here
 
 
+def test_a_context_follower_loads_no_text_encoder(tiny_settings, base_holder):
+    """Rank 0 encodes every prompt; a follower (rank > 0) runs only the transformer, so it
+    does not spend GPU memory and load time on the text encoder (16.6 GB at real size)."""
+    from context_parallel import Ranks
+
+    follower = load_model(tiny_settings, ranks=Ranks(1, 2, None))  # loading forms no collective
+    assert follower.pipe.text_encoder is None and follower.pipe.transformer is not None
+    assert base_holder.get().pipe.text_encoder is not None  # one process: the whole pipeline
+
+
 def test_the_offload_decision_comes_from_the_file_headers_before_loading(tiny_settings, base_holder, monkeypatch):
     from tiny_model import ensure_tiny_model
 
