@@ -1,12 +1,12 @@
 """One job's latency on one GPU against GPU_PARALLELISM=context across several, through the worker.
 
-    python3 benchmarks/context_latency.py --dir /tmp/cold --gpus 2 [--precision fp8] [--jobs 5]
+    python3 benchmarks/context_latency.py --dir /tmp/cold --gpus 2,4 [--precision fp8] [--jobs 5]
     python3 benchmarks/context_latency.py --tiny --gpus 2      # CPU smoke run: gloo ranks, tiny model
 
 On the GPU machine the real-size pipeline with random weights is saved once under --dir
 (`cold_start.prepare`: followers load the model from disk as a worker does). Each mode runs
-in a fresh process: `EditService` with `GPU_PARALLELISM=single` (one GPU) or `context` over
---gpus GPUs, `MAX_LORAS=0`, `MAX_BATCH_SIZE=1`, compiled and warmed up as at start; then one
+in a fresh process: `EditService` with `GPU_PARALLELISM=single` (one GPU), then `context` over
+each GPU count of --gpus, `MAX_LORAS=0`, `MAX_BATCH_SIZE=1`, compiled and warmed up as at start; then one
 untimed job and --jobs timed ones, one at a time (1024² output from a 1024² input, 8
 Lightning steps, the same seed). It prints each mode's median latency and stages, the
 largest GPU memory in use on any GPU (nvidia-smi) and rank 0's peak allocated and reserved by
@@ -30,14 +30,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def gpu_memory_gib() -> float | None:
+def gpu_memory_gib() -> list[float]:
+    """Memory in use on each GPU (nvidia-smi), GiB; empty without one."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=30).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return None
-    used = [int(line) for line in out.split() if line.strip().isdigit()]
-    return round(max(used) / 1024, 1) if used else None
+        return []
+    return [round(int(line) / 1024, 1) for line in out.split() if line.strip().isdigit()]
 
 
 def child(mode: str, gpus: int, jobs: int, side: int) -> None:
@@ -67,7 +67,8 @@ def child(mode: str, gpus: int, jobs: int, side: int) -> None:
            "rank0_reserved_gib": round(torch.cuda.max_memory_reserved(0) / gib, 1)} if torch.cuda.is_available() else {}  # fmt: skip
     service.close()
     print("RESULT " + json.dumps({"mode": mode, "latency_s": round(statistics.median(latencies), 3),
-                                  "timings_ms": answers[-1].get("timings_ms"), "gpu_gib": memory, **own,
+                                  "timings_ms": answers[-1].get("timings_ms"), "gpu_gib": max(memory, default=None),
+                                  "per_gpu_gib": memory, **own,
                                   "image": answers[-1]["output_image_base64"]}), flush=True)  # fmt: skip
     os._exit(0)
 
@@ -85,7 +86,7 @@ def pixels(b64: str):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", default="/tmp/cold")
-    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--gpus", default="2", help="GPU counts for context mode, comma-separated")
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--jobs", type=int, default=5)
     parser.add_argument("--mode-timeout", type=int, default=900, help="seconds one mode may take")
@@ -94,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     side = 64 if args.tiny else 1024
     if args.child:
-        child(args.child, args.gpus, args.jobs, side)
+        child(args.child, int(args.gpus), args.jobs, side)
         return
     if args.tiny:
         env = {"MODEL_ID": "tiny-random", "MODEL_DIR": os.path.join(args.dir, "tiny"), "USE_LIGHTNING_LORA": "false"}
@@ -105,25 +106,25 @@ def main() -> None:
         env = {"MODEL_ID": str(Path(args.dir, "model")), "MODEL_DIR": str(Path(args.dir, "volume"))}
     env["PRECISION_MODE"] = args.precision
     results = {}
-    for mode in ("single", "context"):
-        done = subprocess.run([sys.executable, __file__, "--child", mode, "--gpus", str(args.gpus), "--jobs", str(args.jobs),
+    for mode, gpus in (("single", 1), *(("context", int(n)) for n in args.gpus.split(","))):
+        done = subprocess.run([sys.executable, __file__, "--child", mode, "--gpus", str(gpus), "--jobs", str(args.jobs),
                                *(["--tiny"] if args.tiny else [])], env={**os.environ, **env}, capture_output=True,
                               text=True, timeout=args.mode_timeout)  # fmt: skip
         lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if not lines:
-            print(json.dumps({"mode": mode, "failed": done.stderr[-3000:]}), flush=True)
+            print(json.dumps({"mode": mode, "gpus": gpus, "failed": done.stderr[-3000:]}), flush=True)
             continue
-        results[mode] = json.loads(lines[0])
-        print(json.dumps({k: v for k, v in results[mode].items() if k != "image"}), flush=True)
-    if len(results) < 2:
+        results[mode, gpus] = json.loads(lines[0])
+        print(json.dumps({"gpus": gpus, **{k: v for k, v in results[mode, gpus].items() if k != "image"}}), flush=True)
+    single = results.get(("single", 1))
+    if single is None or len(results) < 2:
         sys.exit(1)
-    single, context = results["single"], results["context"]
-    difference = int(abs(pixels(single["image"]) - pixels(context["image"])).max())
     print("\n| mode | GPUs | latency s | speed-up | denoise ms | largest GPU memory GiB | max pixel difference |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for mode, result, gpus in (("single", single, 1), ("context", context, args.gpus)):
+    for (mode, gpus), result in results.items():
+        difference = int(abs(pixels(single["image"]) - pixels(result["image"])).max())
         print(f"| {mode} | {gpus} | {result['latency_s']} | {single['latency_s'] / result['latency_s']:.2f} | "
-              f"{(result['timings_ms'] or {}).get('denoise')} | {result['gpu_gib']} | {0 if mode == 'single' else difference} |")  # fmt: skip
+              f"{(result['timings_ms'] or {}).get('denoise')} | {result['gpu_gib']} | {difference} |")  # fmt: skip
 
 
 if __name__ == "__main__":
