@@ -209,7 +209,7 @@ class EditService:
                 raise
             # A shape the warm-up did not cover failed to compile: serve it (and all later ones) eagerly.
             compilation.fall_back_to_eager(model, error)
-            return engine.run_batch(requests)
+            return self._run_on_ranks(engine, requests)
 
     def _run_on_ranks(self, engine: EditEngine, requests: list[EditRequest]) -> list[EditResult]:
         """`engine.run_batch`; with GPU_PARALLELISM=context, a failure after a follower stopped is `RankLost`."""

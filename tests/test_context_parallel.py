@@ -167,6 +167,50 @@ def test_a_rank_killed_in_the_middle_of_a_job_fails_it_once_and_retires_the_work
     assert len(broken) == 1
 
 
+def test_a_rank_lost_while_a_batch_is_retried_eagerly_is_named_as_such(tiny_env):
+    """A batch whose compile fails is run again eagerly; a follower that stops during that run
+    retires the worker with the sentence of a stopped GPU process, not gloo's or NCCL's
+    message (and on NCCL, not with what the aborted collectives left as an image)."""
+    import asyncio
+
+    import torch
+
+    from config import Settings
+    from service import EditService
+
+    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="context", GPU_COUNT="2", MAX_BATCH_SIZE="1")))
+    engine, follower = service.engines[0], None
+    run_batch, calls = engine.run_batch, []
+
+    def compile_fails_then_a_rank_stops(module, args, kwargs):
+        if len(calls) == 2 and follower.is_alive():  # the retry's first forward, announced already
+            follower.kill()
+            follower.join()
+
+    def failing_once(requests):
+        calls.append(len(requests))
+        if len(calls) == 1:
+            raise torch._dynamo.exc.TorchDynamoException("inductor could not compile this shape")
+        return run_batch(requests)
+
+    async def scenario():
+        nonlocal follower
+        assert "error" not in await service.handle(_service_job("first", "blue"))  # started, both ranks serving
+        model = service.replicas[0].get()
+        model.compiled = True  # as if compiled: its failure is retried eagerly
+        follower = service.followers.processes[0]
+        model.pipe.transformer.register_forward_pre_hook(compile_fails_then_a_rank_stops, with_kwargs=True)
+        engine.run_batch = failing_once
+        return await service.handle(_service_job("second", "blue"))
+
+    try:
+        answer = asyncio.run(scenario())
+    finally:
+        service.close()
+    assert len(calls) == 2, calls
+    assert answer["refresh_worker"] is True and "GPU processes stopped" in answer["error"], answer
+
+
 def test_context_mode_refuses_what_it_does_not_take_yet(tiny_env):
     from config import ConfigError, Settings
 
