@@ -59,7 +59,7 @@ class Settings:
     reference_image_area: int = STOCK_REFERENCE_AREA
     batch_cfg: bool = False
     compile_transformer: bool | None = None  # None: auto (on a GPU)
-    compile_while_loading: bool = False
+    compile_while_loading: bool = True
     max_concurrency: int = 8
     max_batch_size: int = 4
     batch_wait_ms: int = 50
