@@ -8,9 +8,9 @@ On the GPU machine the real-size pipeline with random weights is saved once unde
 in a fresh process: `EditService` with `GPU_PARALLELISM=single` (one GPU), then `context` over
 each GPU count of --gpus, `MAX_LORAS=0`, `MAX_BATCH_SIZE=1`, compiled and warmed up as at start; then one
 untimed job and --jobs timed ones, one at a time (1024² output from a 1024² input, 8
-Lightning steps, the same seed). It prints each mode's median latency and stages, the
-largest GPU memory in use on any GPU (nvidia-smi) and rank 0's peak allocated and reserved by
-torch, and the largest pixel difference from the single-GPU image.
+Lightning steps, the same seed). It prints each mode's median latency and stages, each GPU's
+memory in use (nvidia-smi) and rank 0's peak allocated and reserved by torch, and the
+largest pixel difference from the single-GPU image.
 """
 
 from __future__ import annotations
