@@ -12,6 +12,8 @@ kernel's time is put in one of four kinds:
 - **attention**: the fused attention kernels (cuDNN, FlashAttention, SDPA);
 - **quantization**: inductor's fused activation-quantization kernels of fp8 (abs/amax with
   a clamp or a float8 cast in their name);
+- **communication**: NCCL's kernels (context mode's collectives, their wait for a slower
+  rank included);
 - **other**: everything else (RoPE, norms, modulation, GELU, copies).
 
 Achieved TFLOP/s divides the work by the time of its kind: the linears are 2·12·d² FLOP per
@@ -26,9 +28,10 @@ from collections import defaultdict
 
 import torch
 
-KINDS = ("matmul", "attention", "quantization", "other")
+KINDS = ("matmul", "attention", "quantization", "communication", "other")
 _ATTENTION = re.compile(r"flash|fmha|attention|sdpa|_attn|fprop.*sdpa", re.I)
 _MATMUL = re.compile(r"gemm|cutlass|nvjet|xmma|scaled_mm|cublas|\bmm\b|addmm|bmm|matmul|linear|sm90_.*_tn", re.I)
+_COMMUNICATION = re.compile(r"nccl", re.I)
 _QUANT = re.compile(r"amax.*(clamp|fp8|float8|to_copy|div)|(abs|clamp).*amax|float8|fp8", re.I)
 
 
@@ -37,6 +40,8 @@ def classify(kernel: str) -> str:
     fused Triton kernel after every op it absorbed, the consumer included (a quantization pass
     feeding `_scaled_mm`, a layout copy feeding attention): only its templates are GEMMs."""
     name = kernel.replace("aten::", " ")
+    if _COMMUNICATION.search(name):
+        return "communication"
     if name.startswith("triton_"):
         if name.startswith("triton_tem_"):
             return "matmul"

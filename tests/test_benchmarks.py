@@ -57,6 +57,7 @@ def test_kernels_are_classified_by_name():
     assert classify("triton_red_fused_abs_amax_clamp_0") == "quantization"
     assert classify("triton_poi_fused__to_copy_clamp_div_mul_reciprocal_float8") == "quantization"
     assert classify("triton_poi_fused_add_cat_mul_rsqrt_view_as_complex_2") == "other"
+    assert classify("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "communication"
     # Seen on an H100: inductor names a fused kernel after its consumer too.
     assert classify("triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_gelu_t_unsqueeze_view_16") == "quantization"
     assert classify("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_cat_ones_permute") == "other"
@@ -78,3 +79,12 @@ def test_check_lost_rank_smoke_run_sees_the_rank_go():
     run = run_script("check_lost_rank.py", "--cpu", timeout=120)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "PASS: rank 1 exited (3); the watch saw it after" in run.stdout
+
+
+def test_context_forward_smoke_run_profiles_one_and_two_ranks():
+    """Gloo ranks on the CPU stand in for GPUs: each count's forward is timed and profiled."""
+    run = run_script("context_forward.py", "--tiny", "--gpus", "1,2", "--text", "7", "--repeat", "1", timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert [row[1].strip() for row in rows] == ["1", "2"] and all(float(row[2]) > 0 for row in rows)
+    assert "| communication |" in run.stdout
