@@ -9,7 +9,7 @@ transformer with the same random weights (seed 0) and prepares it as the worker 
 forwards at 1024² output + one 1024² reference + --text prompt tokens, rank 0 times --repeat
 forwards (wall clock, the GPU synchronised) and profiles as many (`forward_profile`: kernel
 time by kind, the collectives a kind of their own, which includes any wait for a slower
-rank). Wall time above the kernel time is time the GPU waited for the host (collectives on
+rank; achieved TFLOP/s of rank 0's share, 1/N of the forward's work). Wall time above the kernel time is time the GPU waited for the host (collectives on
 their own stream can also overlap compute, which makes it smaller). Prints a JSON line per
 GPU count and markdown tables.
 """
@@ -80,8 +80,9 @@ def _rank(rank: int, world: int, store: str, args: argparse.Namespace, out: str)
             forwards(args.repeat)
     if rank == 0:
         tokens = 2 * side**2 + args.text
-        summary = forward_profile.summarise(forward_profile.kernel_times_us(recorded, device), args.repeat,
-                                            forward_profile.forward_flops(transformer.config, tokens))  # fmt: skip
+        # rank 0's share of the work: 1/N of the forward's (the text, which every rank runs whole, left out)
+        share = {kind: flops / world for kind, flops in forward_profile.forward_flops(transformer.config, tokens).items()}
+        summary = forward_profile.summarise(forward_profile.kernel_times_us(recorded, device), args.repeat, share)
         summary.update(gpus=world, wall_ms=wall_ms, tokens=tokens,
                        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU")  # fmt: skip
         Path(out).write_text(json.dumps(summary))
