@@ -302,7 +302,7 @@ def _load_staged(settings: Settings, path: str, device: torch.device, dtype: tor
     if compile_ahead is not None and on_stand_in:
         pipe = _load_while_compiling(settings, path, device, dtype, restoring, compile_ahead)
     else:
-        pipe = _load_onto(path, dtype, device, "the transformer and the VAE", **dict.fromkeys(TEXT_PARTS))
+        pipe = _transformer_and_vae(path, dtype, device)
     model = _prepared(settings, pipe, device, dtype, "none", restoring, ranks)
     if compile_ahead is not None and model.compiled:
         with timed(log, "compiling before the text encoder loads"):
@@ -312,6 +312,11 @@ def _load_staged(settings: Settings, path: str, device: torch.device, dtype: tor
     given = {name: part for name, part in pipe.components.items() if name not in TEXT_PARTS}
     model.pipe = _load_onto(path, dtype, device, "the text encoder", **given)
     return model
+
+
+def _transformer_and_vae(path: str, dtype: torch.dtype, device: torch.device):
+    """The pipeline without its text parts, read straight onto `device` (the first step)."""
+    return _load_onto(path, dtype, device, "the transformer and the VAE", **dict.fromkeys(TEXT_PARTS))
 
 
 def _load_while_compiling(settings: Settings, path: str, device: torch.device, dtype: torch.dtype, restoring,
@@ -328,7 +333,7 @@ def _load_while_compiling(settings: Settings, path: str, device: torch.device, d
     def read():
         if device.type == "cuda":
             torch.cuda.set_device(device)  # diffusers' device_map="cuda" means the thread's current GPU
-        return _load_onto(path, dtype, device, "the transformer and the VAE", **dict.fromkeys(TEXT_PARTS))
+        return _transformer_and_vae(path, dtype, device)
 
     with ThreadPoolExecutor(1, thread_name_prefix="weights") as pool:
         reading = pool.submit(read)

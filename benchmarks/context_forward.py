@@ -35,7 +35,6 @@ import torch.multiprocessing as mp  # noqa: E402
 
 def _rank(rank: int, world: int, store: str, args: argparse.Namespace, out: str) -> None:
     import torch.distributed as dist
-    from diffusers import QwenImageTransformer2DModel
     from torch.profiler import ProfilerActivity, profile
 
     import context_parallel
@@ -43,15 +42,12 @@ def _rank(rank: int, world: int, store: str, args: argparse.Namespace, out: str)
     import forward_profile
     import fp8
     import rope_attention
-    from gpu_speed import built_on
-    from tiny_model import TINY_TRANSFORMER
+    from gpu_speed import random_transformer
 
     device = torch.device("cpu") if args.tiny else torch.device("cuda", rank)
     dtype, side = (torch.float32, 4) if args.tiny else (torch.bfloat16, 64)  # 64² patches: 1024²
     ranks = context_ranks._join(store, rank, world, device, timedelta(minutes=5))
-    torch.manual_seed(0)
-    with built_on(device, dtype):
-        transformer = (QwenImageTransformer2DModel(**TINY_TRANSFORMER) if args.tiny else QwenImageTransformer2DModel()).eval()
+    transformer = random_transformer(device, dtype, args.tiny)  # the same weights on every rank
     rope_attention.install(transformer)
     context_parallel.enable(transformer, ranks)
     if args.precision == "fp8":
@@ -97,7 +93,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="the tiny transformer on CPU ranks (gloo)")
     args = parser.parse_args()
-    if args.tiny:
+    if args.tiny:  # one inductor compile worker per rank process: a CI machine has two cores
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     rows = []
     for world in (int(n) for n in args.gpus.split(",")):

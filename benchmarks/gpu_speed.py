@@ -119,6 +119,15 @@ def built_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def random_transformer(device: torch.device, dtype: torch.dtype, tiny: bool = False):
+    """The real-size transformer (or the tiny one) with seed 0's random weights, made on `device`."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    with built_on(device, dtype):
+        return (QwenImageTransformer2DModel(**TINY_TRANSFORMER) if tiny else QwenImageTransformer2DModel()).eval()
+
+
 def build_pipeline(device: torch.device = torch.device("cuda")):
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
     from diffusers import QwenImageTransformer2DModel
@@ -408,14 +417,7 @@ def profile_forwards(variants: list[str], text: int, tiny: bool, out: str) -> No
     if not tiny:
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
 
-    def fresh():
-        from diffusers import QwenImageTransformer2DModel
-
-        torch.manual_seed(0)
-        with built_on(device, dtype):
-            return (QwenImageTransformer2DModel(**TINY_TRANSFORMER) if tiny else QwenImageTransformer2DModel()).eval()
-
-    transformer = fresh()
+    transformer = random_transformer(device, dtype, tiny)
     inputs = forward_profile.forward_inputs(transformer, side, text, device, dtype)
     with torch.inference_mode():
         reference = transformer(**inputs)[0].float().cpu()
@@ -426,7 +428,7 @@ def profile_forwards(variants: list[str], text: int, tiny: bool, out: str) -> No
         torch._dynamo.reset()
         if not tiny:
             torch.cuda.empty_cache()
-        transformer = fresh()
+        transformer = random_transformer(device, dtype, tiny)
         if real_rope:
             rope_attention.install(transformer)
         if kept is not None:
