@@ -73,6 +73,7 @@ def _get_service():
         from service import EditService
 
         startup_clock.mark("imports done")
+        prefetch.imports_done()  # the weights still to read now get the disk
         # Progress goes to RunPod, and a broken worker retires, only when deployed on RunPod.
         deployed = not IS_LOCAL_TEST
         _service = EditService(

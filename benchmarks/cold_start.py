@@ -123,6 +123,7 @@ def child() -> None:
     from service import EditService
 
     startup_clock.mark("imports done")
+    prefetch.imports_done()
     service = EditService(settings)
     job = {"id": "first", "input": {"prompt": "Add a red hat to the person on the left", "image_base64": input_png(1024, 0),
                                     "width": 1024, "height": 1024, "seed": 1}}  # fmt: skip

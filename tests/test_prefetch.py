@@ -23,6 +23,37 @@ def test_the_saved_weights_are_read_in_the_background_when_memory_can_keep_them(
     assert prefetch.read_all(files) == size
 
 
+def test_reads_are_small_while_the_process_imports_and_large_afterwards(tmp_path, monkeypatch):
+    """Small reads give the imports their turn at the disk; once they are done, large reads
+    take it (the rest of the weights is then what the start waits for)."""
+    import threading
+
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(bytes(prefetch.CHUNK * 3 + prefetch.BULK_CHUNK * 2))
+    imported, sizes = threading.Event(), []
+
+    class Watched:  # the file as `read_all` opens it, each read's size recorded
+        def __init__(self, *args, **kwargs):
+            self.stream = open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+        def readinto(self, buffer):
+            sizes.append(len(buffer))
+            if len(sizes) == 3:
+                imported.set()  # the imports end after the third read
+            return self.stream.readinto(buffer)
+
+    monkeypatch.setattr(prefetch, "open", Watched, raising=False)
+    assert prefetch.read_all([weights], bulk_after=imported) == weights.stat().st_size
+    assert sizes[:3] == [prefetch.CHUNK] * 3 and set(sizes[3:]) == {prefetch.BULK_CHUNK}
+    assert prefetch.BULK_CHUNK >= 64 * prefetch.CHUNK
+
+
 def test_nothing_is_read_without_the_memory_to_keep_it_or_a_model_on_disk(tiny_settings, tmp_path):
     path = str(ensure_tiny_model(tiny_settings.model_dir) / "pipeline")
     size = sum(file.stat().st_size for file in prefetch.weight_files(path))
