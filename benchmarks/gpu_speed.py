@@ -249,6 +249,19 @@ def peak_gib() -> float:
     return max((torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())), default=0.0)
 
 
+def job_timeline(results: list[dict]) -> list[str]:
+    """Each job's end (s after all were submitted) and where its time went, in ms: fetch, waiting
+    for a GPU lane, the engine's encode / denoise / decode, and the reply (PNG encode)."""
+    rows = []
+    for r in results:
+        t = r["timings_ms"]
+        engine = t["encode"] + t["denoise"] + t["decode"]
+        rows.append((t["total"], f"{t['total'] / 1000:.2f}s: fetch {t['fetch']:.0f} wait {t['queue_and_gpu'] - engine:.0f} "
+                                 f"enc {t['encode']:.0f} den {t['denoise']:.0f} dec {t['decode']:.0f} "
+                                 f"reply {t['total'] - t['fetch'] - t['queue_and_gpu']:.0f}"))  # fmt: skip
+    return [row for _, row in sorted(rows)]
+
+
 def run_variant(variant, name, pipe, models, settings, jobs, warm, count, reference_images) -> dict:
     model = models[0]
     if variant == "stock":
@@ -272,6 +285,7 @@ def run_variant(variant, name, pipe, models, settings, jobs, warm, count, refere
         sizes = [r["batch_size"] for r in results]
         print(f"  {variant} {name}: timed pass, each job's batch size: {sizes}", flush=True)
         stages = {s: statistics.median(r["timings_ms"][s] for r in results) for s in ("encode", "denoise", "decode")}
+        print(f"  {variant} {name}: each job (by end): {job_timeline(results)}", flush=True)
         service.close()
         error = relative_error(engine_image(settings, model, jobs[0]), reference_images[name])
     peak = peak_gib()

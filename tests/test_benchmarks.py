@@ -28,6 +28,7 @@ def test_gpu_speed_smoke_run_reports_both_tables(tmp_path):
     assert set(mine["stage_ms"]) == {"encode", "denoise", "decode"} and mine["stage_ms"]["denoise"] > 0
     assert "| lightning1024 | eager-alone |" in run.stdout
     assert "ms per transformer forward" in run.stdout
+    assert "eager-alone lightning1024: each job (by end): [" in run.stdout and " wait " in run.stdout
 
 
 def test_gpu_speed_refuses_an_order_that_would_mislabel_variants():
