@@ -89,3 +89,12 @@ def test_context_forward_smoke_run_profiles_one_and_two_ranks():
     rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
     assert [row[1].strip() for row in rows] == ["1", "2"] and all(float(row[2]) > 0 for row in rows)
     assert "| communication |" in run.stdout
+
+
+def test_replica_contention_smoke_run_times_threads_and_processes():
+    """CPU stand-ins for two GPUs: the same forwards alone, from two threads and from two processes."""
+    run = run_script("replica_contention.py", "--tiny", "--gpus", "2", "--repeat", "2", "--text", "7", timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith(("| alone |", "| threads |", "| processes |"))]
+    assert [(row[1].strip(), row[2].strip()) for row in rows] == [("alone", "1"), ("threads", "2"), ("processes", "2")]
+    assert all(float(row[3].split(",")[0]) > 0 and float(row[5]) > 0 for row in rows)
