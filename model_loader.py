@@ -252,6 +252,8 @@ def _apply_memory_options(pipe, settings: Settings) -> None:
     if settings.attention_backend != "native":
         with timed(log, f"attention backend {settings.attention_backend}"):
             pipe.transformer.set_attention_backend(settings.attention_backend)
+    if pipe.vae is None:  # a context follower
+        return
     if settings.vae_tiling:
         pipe.vae.enable_tiling()
         log.info("VAE tiling on")
@@ -297,26 +299,30 @@ def _load_staged(settings: Settings, path: str, device: torch.device, dtype: tor
     VAE: Lightning fused, fp8, LoRA slots, and compiled by `compile_ahead` (warm-up edits with
     random prompt embeddings). Then the text encoder (16.6 GB of the 58), which `prefetch` has
     been reading from disk while the compile ran, instead of the compile waiting for it. The
-    followers of context mode (rank > 0) load no text encoder."""
+    followers of context mode (rank > 0) load the transformer alone."""
+    follower = ranks is not None and ranks.rank > 0
     on_stand_in = settings.compile_while_loading and ranks is None and should_compile(settings, device, False, "none")
     if compile_ahead is not None and on_stand_in:
         pipe = _load_while_compiling(settings, path, device, dtype, restoring, compile_ahead)
     else:
-        pipe = _transformer_and_vae(path, dtype, device)
+        pipe = _transformer_and_vae(path, dtype, device, vae=not follower)
     model = _prepared(settings, pipe, device, dtype, "none", restoring, ranks)
     if compile_ahead is not None and model.compiled:
         with timed(log, "compiling before the text encoder loads"):
             compilation.warm_up(model, functools.partial(compile_ahead, model))
-    if ranks is not None and ranks.rank > 0:
-        return model  # a follower runs only the transformer: rank 0 encodes the prompts
+    if follower:
+        return model  # a follower runs only the transformer: rank 0 encodes the prompts and runs the VAE
     given = {name: part for name, part in pipe.components.items() if name not in TEXT_PARTS}
     model.pipe = _load_onto(path, dtype, device, "the text encoder", **given)
     return model
 
 
-def _transformer_and_vae(path: str, dtype: torch.dtype, device: torch.device):
-    """The pipeline without its text parts, read straight onto `device` (the first step)."""
-    return _load_onto(path, dtype, device, "the transformer and the VAE", **dict.fromkeys(TEXT_PARTS))
+def _transformer_and_vae(path: str, dtype: torch.dtype, device: torch.device, vae: bool = True):
+    """The pipeline without its text parts (and without the VAE: `vae` false), read straight
+    onto `device` (the first step)."""
+    left_out = TEXT_PARTS if vae else (*TEXT_PARTS, "vae")
+    return _load_onto(path, dtype, device, "the transformer and the VAE" if vae else "the transformer",
+                      **dict.fromkeys(left_out))  # fmt: skip
 
 
 def _load_while_compiling(settings: Settings, path: str, device: torch.device, dtype: torch.dtype, restoring,

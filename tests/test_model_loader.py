@@ -78,13 +78,16 @@ def test_weights_that_fit_are_read_straight_onto_the_device(base_holder):
     assert base_holder.get().pipe.hf_device_map == "cpu"  # the tiny model's device here
 
 
-def test_a_context_follower_loads_no_text_encoder(tiny_settings, base_holder):
-    """Rank 0 encodes every prompt; a follower (rank > 0) runs only the transformer, so it
-    does not spend GPU memory and load time on the text encoder (16.6 GB at real size)."""
+def test_a_context_follower_loads_the_transformer_alone(tiny_settings, tiny_env, base_holder):
+    """Rank 0 encodes every prompt and runs the VAE; a follower (rank > 0) runs only the
+    transformer, so it does not spend GPU memory and load time on the text encoder (16.6 GB
+    at real size) or the VAE (0.25 GB), whatever the VAE options."""
     from context_parallel import Ranks
 
     follower = load_model(tiny_settings, ranks=Ranks(1, 2, None))  # loading forms no collective
-    assert follower.pipe.text_encoder is None and follower.pipe.transformer is not None
+    assert follower.pipe.text_encoder is None and follower.pipe.vae is None and follower.pipe.transformer is not None
+    tiled = load_model(Settings.from_env(tiny_env(VAE_TILING="true")), ranks=Ranks(1, 2, None))
+    assert tiled.pipe.vae is None
     assert base_holder.get().pipe.text_encoder is not None  # one process: the whole pipeline
 
 
