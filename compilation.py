@@ -40,7 +40,26 @@ def compile_transformer(pipe, settings: Settings) -> None:
     # active LoRA slots. Past dynamo's limit (8) a fullgraph compile fails the job outright.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    _text_length_dynamic(pipe.transformer)
     log.info("transformer blocks set up for torch.compile (regional); compiling on the warm-up edit")
+
+
+def _text_length_dynamic(transformer) -> None:
+    """Prompts have any length, so the blocks' first compile should be the graph every length
+    uses. Left to dynamo, the first length compiles a graph for itself alone and the second
+    compiles again with the length symbolic. The text's hidden states and rotary frequencies
+    are made before the blocks (`txt_in`, `pos_embed`), uncompiled; marking their text
+    dimension there gets the symbolic graph at once. `maybe_`: where something forces one
+    length, dynamo specialises as before instead of failing. Registered after
+    `rope_attention` and `context_parallel` replace `pos_embed`'s output, so that the tensors
+    marked are those the blocks receive."""
+    if getattr(transformer, "_dynamic_text_hooks", None) is not None:
+        return
+    mark = torch._dynamo.maybe_mark_dynamic
+    transformer._dynamic_text_hooks = (
+        transformer.txt_in.register_forward_hook(lambda module, args, text: mark(text, 1)),  # [B, L, D]
+        transformer.pos_embed.register_forward_hook(lambda module, args, freqs: mark(freqs[1], 0)),  # text's [L, ...]
+    )
 
 
 def uncompile(pipe) -> None:

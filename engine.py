@@ -123,6 +123,9 @@ def _dimensions(area: int, image: Image.Image) -> tuple[int, int]:
 WARM_UP_PROMPTS = ("warm up", "warm up the compiled transformer with a somewhat longer prompt")
 # Before the text encoder is loaded, random prompt embeddings of these lengths stand in for
 # the prompts (about what a prompt and one image's vision tokens make; any two lengths do).
+# The first compiles a graph symbolic in the text length (`compilation`); the second then
+# compiles nothing, unless something pinned the length, and then it compiles the graph
+# that other lengths use, at start rather than on a job.
 WARM_UP_TEXT_TOKENS = (200, 231)
 
 

@@ -201,6 +201,30 @@ def test_the_transformer_compiles_before_the_text_encoder_loads_and_the_warm_up_
     assert counters["stats"]["unique_graphs"] == seen["graphs"]  # the real prompts' lengths reuse those graphs
 
 
+def test_the_first_compile_serves_every_text_length(tiny_env, tmp_path, monkeypatch):
+    """Prompts have any length. The first warm-up compiles the graph that every length uses:
+    a second length, and a third, compile nothing (left to dynamo, the first length got a
+    graph of its own and the second compiled again)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from engine import EditEngine, _WarmUp
+    from model_loader import ModelHolder
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    settings = Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="0", COMPILE_WHILE_LOADING="false"))
+    holder = ModelHolder(settings)
+    engine = EditEngine(settings, holder.get)
+    model = holder.get()
+    graphs = []
+    for tokens in (200, 231, 57):
+        before = counters["stats"]["unique_graphs"]
+        engine._warm_up_edit(model, _WarmUp(text_tokens=tokens))
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert graphs == [1, 0, 0]
+
+
 @pytest.mark.parametrize("slots", ["0", "1"])
 def test_compiling_while_loading_leaves_the_real_transformer_no_graph_to_compile(tiny_env, tmp_path, monkeypatch, slots):
     """COMPILE_WHILE_LOADING: the warm-ups run on a one-block stand-in while a thread reads the
