@@ -51,10 +51,19 @@ def prepared(device: torch.device, tiny: bool, text: int):
     return transformer, forward_profile.forward_inputs(transformer, side, text, device, dtype)
 
 
+def warmed_up(device: torch.device, args: argparse.Namespace):
+    """`prepared` on `device`, compiled and warmed up by two forwards."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    transformer, inputs = prepared(device, args.tiny, args.text)
+    timed_forwards(transformer, inputs, device, 2)
+    return transformer, inputs
+
+
 def timed_forwards(transformer, inputs: dict, device: torch.device, count: int, start: threading.Barrier | None = None) -> dict:
     """Wall and this thread's CPU ms per forward over `count` forwards, after `start` lets all go."""
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # a thread's own current GPU
         torch.cuda.synchronize(device)
     if start is not None:
         start.wait()
@@ -74,13 +83,7 @@ def devices(count: int, tiny: bool) -> list[torch.device]:
 def in_threads(count: int, args: argparse.Namespace) -> list[dict]:
     """One thread per device in this process, after each device's model compiled (one at a time:
     tracing in one thread breaks modules running in another)."""
-    models = []
-    for device in devices(count, args.tiny):
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        transformer, inputs = prepared(device, args.tiny, args.text)
-        timed_forwards(transformer, inputs, device, 2)  # compile, warm up
-        models.append((transformer, inputs, device))
+    models = [(*warmed_up(device, args), device) for device in devices(count, args.tiny)]
     start, results = threading.Barrier(count), [None] * count
 
     def run(k: int) -> None:
@@ -97,10 +100,7 @@ def in_threads(count: int, args: argparse.Namespace) -> list[dict]:
 
 def _process(rank: int, count: int, args: argparse.Namespace, start, folder: str) -> None:
     device = devices(count, args.tiny)[rank]
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    transformer, inputs = prepared(device, args.tiny, args.text)
-    timed_forwards(transformer, inputs, device, 2)
+    transformer, inputs = warmed_up(device, args)
     result = timed_forwards(transformer, inputs, device, args.repeat, start)
     Path(folder, f"{rank}.json").write_text(json.dumps(result))
 
