@@ -313,8 +313,17 @@ def _load_staged(settings: Settings, path: str, device: torch.device, dtype: tor
     if follower:
         return model  # a follower runs only the transformer: rank 0 encodes the prompts and runs the VAE
     given = {name: part for name, part in pipe.components.items() if name not in TEXT_PARTS}
-    model.pipe = _load_onto(path, dtype, device, "the text encoder", **given)
+    model.pipe = _load_onto(path, dtype, device, "the text encoder", text_encoder=_text_encoder(path, dtype, device), **given)
     return model
+
+
+def _text_encoder(path: str, dtype: torch.dtype, device: torch.device):
+    """The text encoder read straight onto `device`, named: transformers takes the pipeline's
+    device_map="cuda" as the first GPU, not the thread's current one (every replica's text
+    encoder landed on GPU 0, seen on two H200s)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, subfolder="text_encoder", dtype=dtype, device_map={"": device})
 
 
 def _transformer_and_vae(path: str, dtype: torch.dtype, device: torch.device, vae: bool = True):

@@ -78,6 +78,23 @@ def test_weights_that_fit_are_read_straight_onto_the_device(base_holder):
     assert base_holder.get().pipe.hf_device_map == "cpu"  # the tiny model's device here
 
 
+def test_the_text_encoder_is_read_onto_the_replicas_own_device(tiny_settings, base_holder, monkeypatch):
+    """transformers takes the pipeline's device_map="cuda" as GPU 0, whatever the thread's
+    current GPU: each replica names its own device (no GPU here: the request is what is checked)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    asked, real = [], Qwen2_5_VLForConditionalGeneration.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        asked.append(kwargs.get("device_map"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "from_pretrained", from_pretrained)
+    model = load_model(tiny_settings, torch.device("cpu"), replica=1)
+    assert asked == [{"": torch.device("cpu")}]
+    assert model.pipe.text_encoder.device == torch.device("cpu")
+
+
 def test_a_context_follower_loads_the_transformer_alone(tiny_settings, tiny_env, base_holder):
     """Rank 0 encodes every prompt and runs the VAE; a follower (rank > 0) runs only the
     transformer, so it does not spend GPU memory and load time on the text encoder (16.6 GB
