@@ -9,7 +9,7 @@ than retiring a worker whose replacement would fail the same way.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -17,6 +17,7 @@ from config import Settings, export_library_settings
 
 log = logging.getLogger("qwen_edit_worker.compile")
 RECOMPILE_LIMIT = 64
+T = TypeVar("T")
 
 
 def should_compile(settings: Settings, device: torch.device, bnb_quantized: bool, offload: str) -> bool:
@@ -86,6 +87,18 @@ def fall_back_to_eager(model, error: BaseException) -> None:
     log.warning("torch.compile failed (%s); serving with the eager transformer instead", first_line(error))
     uncompile(model.pipe)
     model.compiled = False
+
+
+def run_or_fall_back(model, run: Callable[[], T]) -> T:
+    """`run()`; if the compiled transformer fails to compile a shape the warm-up did not
+    cover, serve eagerly from now on and run it again."""
+    try:
+        return run()
+    except Exception as error:
+        if not (model.compiled and is_compile_failure(error)):
+            raise
+        fall_back_to_eager(model, error)
+        return run()
 
 
 def warm_up(model, run: Callable[[], None]) -> None:

@@ -86,6 +86,7 @@ class Settings:
     max_lora_rank: int = 64
     gpu_parallelism: str = "auto"  # auto: a replica on every GPU when there are several; context: one job across them
     gpu_count: int = 0  # GPUs to use; 0: every visible one (on a CPU: CPU replicas, for tests)
+    replica_processes: bool = False  # replicas on GPUs 1.. in processes of their own (default: threads of this one)
     # LoRAs applied to every job that does not send `loras` (an endpoint serving a fixed set).
     default_loras: tuple = ()
 
@@ -162,6 +163,7 @@ class Settings:
             max_lora_rank=env.integer("MAX_LORA_RANK", cls.max_lora_rank, 1, 512),
             gpu_parallelism=env.choice("GPU_PARALLELISM", cls.gpu_parallelism, GPU_PARALLELISM_MODES),
             gpu_count=env.integer("GPU_COUNT", cls.gpu_count, 0, 16),
+            replica_processes=env.boolean("REPLICA_PROCESSES", cls.replica_processes),
             default_loras=env.json_list("LORAS"),
         )
         if _on_another_filesystem(settings.model_dir, tempfile.gettempdir()):

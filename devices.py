@@ -28,6 +28,16 @@ class DeviceError(RuntimeError):
     """The machine cannot run the configured model; the message says why, in one sentence."""
 
 
+def breaks_the_gpu(error: BaseException) -> bool:
+    """A CUDA error (not out-of-memory) poisons the CUDA context for the whole process."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    if isinstance(error, torch.AcceleratorError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)
+
+
 def resolve_device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
     """bf16 where the GPU supports it, fp16 where it does not; fp32 on CPU (tiny model only)."""
     with warnings.catch_warnings(record=True) as caught:

@@ -1,5 +1,5 @@
-"""GPU_PARALLELISM=replicas with REPLICA_PROCESSES=true (the default): the replicas on GPUs
-1.. each run in a process of their own.
+"""GPU_PARALLELISM=replicas with REPLICA_PROCESSES=true: the replicas on GPUs 1.. each run
+in a process of their own (the default runs them on threads of the worker's process).
 
 Replicas as threads of one process share its interpreter, and the host work of every GPU
 waits its turn there: on four H200s, three of the first four jobs waited 1.1-2.3 s for
@@ -17,12 +17,16 @@ One pipe per process carries, in order:
   `("progress", index, step, total)` as its steps end and one `("done", results)` or
   `("error", kind, sentence)`.
 
-Prompts are encoded in the process that runs the batch (not ahead on the first GPU): that
-encoding is what waited longest in one interpreter. A process that stops (killed, out of
-host memory, a crash in a library) makes the batch it runs, and every later one, fail with
-`ReplicaLost`, which retires the worker (`service`): every job it holds is answered once.
-A GPU error inside a process (not out-of-memory) is reported as `ReplicaLost` too: that
-process's CUDA context is unusable, so it exits.
+Prompts are encoded in the process that runs the batch, when the batch starts: not ahead,
+beside the batch before it, as threads do (that encoding is what waited longest in one
+interpreter). On two H200s this cost more than the shared interpreter did: 0.650 images/s
+against 0.703 with threads (BENCHMARKS.md), hence not the default; four or more GPUs,
+where threads reached x2.52 of one, were not measured.
+
+A process that stops (killed, out of host memory, a crash in a library) makes the batch it
+runs, and every later one, fail with `ReplicaLost`, which retires the worker (`service`):
+every job it holds is answered once. A GPU error inside a process (not out-of-memory) is
+reported as `ReplicaLost` too: that process's CUDA context is unusable, so it exits.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import torch
 
 import compilation
 import compile_cache
+import devices
 import fetching
 import gpus
 import images
@@ -31,6 +32,7 @@ from engine import EditEngine, EditRequest, EditResult
 from adapters import AppliedLora
 from lora_store import LoraStore
 from model_loader import ModelHolder
+from replica_processes import ReplicaLost, ReplicaProcess
 from prompt_budget import PromptBudget, TextTooLong
 
 log = logging.getLogger("qwen_edit_worker.service")
@@ -45,13 +47,11 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 def _leaves_gpu_unusable(error: BaseException) -> bool:
     """A CUDA error (not out-of-memory) poisons the CUDA context for the whole process; a lost
-    or timed-out rank leaves the ranks unable to run a forward together."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return False
-    if isinstance(error, (torch.AcceleratorError, RankLost, torch.distributed.DistError)):
+    or timed-out rank leaves the ranks unable to run a forward together; a lost replica
+    process can run nothing more."""
+    if isinstance(error, (RankLost, ReplicaLost, torch.distributed.DistError)):
         return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)
+    return devices.breaks_the_gpu(error)
 
 
 class EditService:
@@ -67,6 +67,7 @@ class EditService:
         GPU lane; neither: what GPU_PARALLELISM says (`gpus.replica_devices`)."""
         self.settings = settings
         self.followers: Followers | None = None  # GPU_PARALLELISM=context: ranks 1.. (`context_ranks`)
+        self.remotes: list[ReplicaProcess] = []  # replicas 1.. in processes of their own (`replica_processes`)
         if replicas is None:
             devices = gpus.replica_devices(settings)
             if holder is not None:
@@ -75,6 +76,9 @@ class EditService:
                 self.followers = Followers(settings, devices)
                 replicas = [ModelHolder(settings, devices[0], 0, compile_ahead=functools.partial(self._compile_ahead, 0),
                                         join_ranks=self.followers.join)]  # fmt: skip
+            elif settings.replica_processes and len(devices) > 1:
+                self.remotes = [ReplicaProcess(settings, d, n) for n, d in enumerate(devices[1:], start=1)]
+                replicas = [ModelHolder(settings, devices[0], 0, compile_ahead=functools.partial(self._compile_ahead, 0))]
             else:
                 replicas = [ModelHolder(settings, d, n, compile_ahead=functools.partial(self._compile_ahead, n))
                             for n, d in enumerate(devices)]  # fmt: skip
@@ -97,6 +101,7 @@ class EditService:
         self._progress = progress
         lanes = [Lane(run_batch=functools.partial(self._run_batch, n), on_start=functools.partial(self._start, n),
                       on_idle=functools.partial(self._warm_up_while_idle, n)) for n in range(len(self.replicas))]  # fmt: skip
+        lanes += [Lane(run_batch=remote.run_batch, on_start=functools.partial(self._start_remote, remote)) for remote in self.remotes]
         self.batcher: Batcher[EditRequest, EditResult] = Batcher(
             run_batch=None,
             key=self.engine.batch_key,
@@ -130,13 +135,24 @@ class EditService:
         startup_clock.mark("model loaded and warmed up" + (f" (replica {lane + 1})" if lane else ""))
         if model.compiled and lane == 0:  # and again once the LoRA slots' graphs are compiled
             compile_cache.keep(self.settings)
-        if self.default_loras:
-            files = [self.lora_store.obtain(i, lora) for i, lora in enumerate(self.default_loras)]
-            try:
-                engine.prepare_loras(_applied(files, self.default_loras))
-            finally:
-                self.lora_store.release(files)
-            log.info("LORAS ready: %s", ", ".join(lora.path for lora in self.default_loras))
+        self._prepare_default_loras(engine.prepare_loras)
+
+    def _start_remote(self, remote: ReplicaProcess) -> None:
+        """A replica process's lane: once its model is warmed up, the endpoint's own LoRAs."""
+        remote.wait_ready()
+        startup_clock.mark(f"model loaded and warmed up ({remote.name})")
+        self._prepare_default_loras(remote.prepare_loras)
+
+    def _prepare_default_loras(self, prepare: Callable[[tuple[AppliedLora, ...]], None]) -> None:
+        """Fetch and load the endpoint's own LoRAs (`LORAS`), so that its first job does not wait."""
+        if not self.default_loras:
+            return
+        files = [self.lora_store.obtain(i, lora) for i, lora in enumerate(self.default_loras)]
+        try:
+            prepare(_applied(files, self.default_loras))
+        finally:
+            self.lora_store.release(files)
+        log.info("LORAS ready: %s", ", ".join(lora.path for lora in self.default_loras))
 
     def _encoder(self) -> EditEngine:
         """The replica whose text encoder encodes the next job's prompt ahead: each started one
@@ -184,6 +200,8 @@ class EditService:
         self.downloads.shutdown(wait=False)
         if self.followers is not None:
             self.followers.stop()
+        for remote in self.remotes:
+            remote.stop()
 
     def _check_text_fits(self, request: EditRequest, plan) -> None:
         try:
@@ -198,18 +216,12 @@ class EditService:
     def _run_batch(self, lane: int, requests: list[EditRequest]) -> list[EditResult]:
         engine = self.engines[lane]
         try:
-            return self._run_on_ranks(engine, requests)
+            # A shape the warm-up did not cover that fails to compile is served (with all later ones) eagerly.
+            return compilation.run_or_fall_back(self.replicas[lane].get(), lambda: self._run_on_ranks(engine, requests))
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise
-        except Exception as error:
-            model = self.replicas[lane].get()
-            if not (model.compiled and compilation.is_compile_failure(error)):
-                raise
-            # A shape the warm-up did not cover failed to compile: serve it (and all later ones) eagerly.
-            compilation.fall_back_to_eager(model, error)
-            return self._run_on_ranks(engine, requests)
 
     def _run_on_ranks(self, engine: EditEngine, requests: list[EditRequest]) -> list[EditResult]:
         """`engine.run_batch`; with GPU_PARALLELISM=context, a failure after a follower stopped is `RankLost`."""
@@ -236,7 +248,8 @@ class EditService:
             plan = self.engine.plan(request)
             outputs.check_fits(request.num_images, plan.width, plan.height, params.output_format, self.settings)
             await asyncio.to_thread(self._check_text_fits, request, plan)
-            request = self._encoder().encode_ahead(request)
+            if not self.remotes:  # a replica process encodes its batch's prompts itself (`replica_processes`)
+                request = self._encoder().encode_ahead(request)
             result = await self.batcher.submit(request, size=request.num_images)
             finished = time.perf_counter()
             response = await asyncio.to_thread(self._respond, job, request, params, result)

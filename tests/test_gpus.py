@@ -2,12 +2,18 @@
 
 There is no GPU here: the device choice is checked with the GPU count given, and replicas
 run as CPU replicas of the tiny model, each its own pipeline and batcher lane, through the
-service and through RunPod's worker loop."""
+service and through RunPod's worker loop: the second on a thread of the worker's process
+(the default) or, with REPLICA_PROCESSES=true, in a process of its own (`replica_processes`)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +24,7 @@ import model_loader
 from config import ConfigError, Settings
 from service import EditService
 from tests.test_handler import SAMPLE, decoded
-from tests.test_runpod_worker import good_job, pixels, serve_jobs, standin  # noqa: F401
+from tests.test_runpod_worker import good_job, pixels, standin, start_worker, stop_worker  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -57,8 +63,8 @@ def test_more_gpus_than_visible_is_refused_with_a_sentence():
         settings(GPU_PARALLELISM="pipeline")
 
 
-def test_two_replicas_share_the_jobs_and_give_one_devices_pixels(tiny_env, base_holder):
-    replicated = Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1"))
+def test_two_replica_threads_share_the_jobs_and_give_one_devices_pixels(tiny_env, base_holder):
+    replicated = Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1", REPLICA_PROCESSES="false"))
     jobs = [{"id": f"j{i}", "input": {"prompt": f"prompt {i % 3}", "image_base64": SAMPLE, "seed": 10 + i,
                                        "num_inference_steps": 2, "width": 64, "height": 64}} for i in range(6)]  # fmt: skip
 
@@ -100,7 +106,7 @@ def test_a_job_that_comes_while_replicas_start_does_not_load_the_next_one_out_of
     it on the event loop while the first still compiles, and compiling the second then breaks
     the first's graphs (seen on two H200s: "Detected that you are using FX to symbolically
     trace a dynamo-optimized function")."""
-    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1")))
+    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1", REPLICA_PROCESSES="false")))
     events: list[str] = []
     first = service.replicas[0]
     real_first, real_load = first.get, model_loader.load_model
@@ -129,20 +135,87 @@ def test_a_job_that_comes_while_replicas_start_does_not_load_the_next_one_out_of
     assert events == ["first started", "second loads"]
 
 
-def test_replicas_through_the_runpod_worker_loop(standin, tiny_env, tmp_path):  # noqa: F811
+def test_replica_processes_through_the_runpod_worker_loop(standin, tiny_env, tmp_path):  # noqa: F811
+    """The second replica in a process of its own (REPLICA_PROCESSES=true), through RunPod's
+    loop: the jobs go to both lanes once both serve, the same input gives the same pixels on either, and
+    SIGTERM stops the replica's process with the worker."""
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(standin, tiny_env, log_path, GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1",
+                        MAX_CONCURRENCY="8", REPLICA_PROCESSES="true")  # fmt: skip
     jobs = [good_job(i) for i in range(6)] + [dict(good_job(i), id=f"repeat-{i}") for i in range(2)]
-    output = serve_jobs(standin, tiny_env, tmp_path, jobs, GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1",
-                        MAX_CONCURRENCY="8")  # fmt: skip
-    assert all("error" not in answers[0] for answers in standin.results.values())
+    try:
+        deadline = time.monotonic() + 240
+        while "replica-1 ready" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        standin.add_jobs(jobs)
+        finished = standin.wait_for_results(len(jobs), timeout=240)
+    finally:
+        code, output = stop_worker(proc, log_path)
+    assert finished and code == 0, output[-4000:]
+    assert sorted(standin.results) == sorted(job["id"] for job in jobs)
+    assert all(len(answers) == 1 and "error" not in answers[0] for answers in standin.results.values())
     assert "on lane 0" in output and "on lane 1" in output
     for i in range(2):
         assert np.abs(pixels(standin.results[f"good-{i}"][0]) - pixels(standin.results[f"repeat-{i}"][0])).max() <= 1
+    children = [int(pid) for pid in re.findall(r"replica-1 ready \(process (\d+)\)", output)]
+    assert children and not any(Path(f"/proc/{pid}").exists() for pid in children)
+
+
+def replica_jobs(count: int, steps: int = 2) -> list[dict]:
+    return [{"id": f"j{i}", "input": {"prompt": f"prompt {i % 3}", "image_base64": SAMPLE, "seed": 10 + i,
+                                      "num_inference_steps": steps, "width": 64, "height": 64}} for i in range(count)]  # fmt: skip
+
+
+def test_a_replica_process_gives_one_devices_pixels_and_reports_progress(tiny_env, base_holder):
+    steps: dict[str, list[int]] = {}
+    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1", REPLICA_PROCESSES="true")),
+                          progress=lambda job, update: steps.setdefault(job["id"], []).append(update["step"]))  # fmt: skip
+    jobs = replica_jobs(6, steps=4)
+    try:
+        assert len(service.replicas) == 1 and [r.name for r in service.remotes] == ["replica-1"]
+        assert service.remotes[0].ready.wait(240)
+        two = asyncio.run(serve_all(service, jobs))
+        remote_batches = service.remotes[0].batches
+    finally:
+        service.close()
+    assert 1 <= remote_batches <= 5  # both lanes ran jobs
+    assert not service.remotes[0].process.is_alive()
+    assert all(steps[job["id"]] == [2, 4] for job in jobs)  # from either lane, as they happened
+    one = asyncio.run(serve_all(EditService(Settings.from_env(tiny_env(MAX_BATCH_SIZE="1")), holder=base_holder), jobs))
+    for a, b in zip(two, one):
+        assert "error" not in a and a["seed"] == b["seed"]
+        assert np.array_equal(np.asarray(decoded(a["output_image_base64"])), np.asarray(decoded(b["output_image_base64"])))
+
+
+def test_a_replica_process_that_dies_mid_batch_retires_the_worker_and_each_job_is_answered_once(tiny_env):
+    broken: list[BaseException] = []
+
+    def kill_the_replica_process(job: dict, update: dict) -> None:
+        if threading.current_thread().name == "gpu-batcher-1":  # the lane of the replica process
+            os.kill(service.remotes[0].process.pid, signal.SIGKILL)
+
+    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1", REPLICA_PROCESSES="true")),
+                          progress=kill_the_replica_process, on_broken=broken.append)  # fmt: skip
+    try:
+        assert service.remotes[0].ready.wait(240)
+        answers = asyncio.run(serve_all(service, replica_jobs(4, steps=4)))
+    finally:
+        service.close()
+    assert len(answers) == 4
+    lost = [a for a in answers if a.get("refresh_worker")]
+    assert lost and all("output_image_base64" in a or a.get("refresh_worker") for a in answers)
+    assert any("replica-1 of the GPU processes stopped (exit code -9)" in a["error"] for a in lost)
+    assert len(broken) == 1 and "replica-1 of the GPU processes stopped" in str(broken[0])
+
+
+async def serve_all(service: EditService, jobs: list[dict]) -> list[dict]:
+    return await asyncio.gather(*(service.handle(job) for job in jobs))
 
 
 def test_no_replica_serves_before_all_are_compiled_and_then_nothing_compiles(tiny_env):
     from side_stream import FENCE
 
-    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1")))
+    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1", REPLICA_PROCESSES="false")))
     events: list[str] = []
     slow = service.replicas[1]
     real_get = slow.get
