@@ -54,10 +54,10 @@ def jobs(count: int, side: int, tag: str) -> list[dict]:
 def wait_until_serving(service, timeout: float = 900) -> None:
     """Every replica warmed up: threads join `_serving`, processes say they are ready."""
     deadline = time.monotonic() + timeout
-    while len(service._serving) < len(service.replicas) and time.monotonic() < deadline:
+    while not (len(service._serving) == len(service.replicas) and all(r.ready.is_set() for r in service.remotes)):
+        if service.batcher.failure is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the replicas did not all start: {service.batcher.failure}")
         time.sleep(0.1)
-    for remote in service.remotes:
-        remote.ready.wait(max(0.0, deadline - time.monotonic()))
 
 
 def child(mode: str, gpus: int, count: int, side: int) -> None:

@@ -98,3 +98,12 @@ def test_replica_contention_smoke_run_times_threads_and_processes():
     rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith(("| alone |", "| threads |", "| processes |"))]
     assert [(row[1].strip(), row[2].strip()) for row in rows] == [("alone", "1"), ("threads", "2"), ("processes", "2")]
     assert all(float(row[3].split(",")[0]) > 0 and float(row[5]) > 0 for row in rows)
+
+
+def test_replica_throughput_smoke_run_compares_one_device_with_threads_and_processes(tmp_path):
+    """CPU stand-ins for two GPUs: every mode serves the queue, and the images agree."""
+    run = run_script("replica_throughput.py", "--tiny", "--gpus", "2", "--jobs", "4", "--dir", str(tmp_path), timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith(("| single |", "| threads |", "| processes |"))]
+    assert [(row[1].strip(), row[2].strip()) for row in rows] == [("single", "1"), ("threads", "2"), ("processes", "2")]
+    assert all(float(row[4]) > 0 and row[-2].strip() == "0" for row in rows)
