@@ -35,6 +35,7 @@ import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
+import signal
 import threading
 from typing import Callable, Sequence
 
@@ -110,7 +111,7 @@ class ReplicaProcess:
             pass  # it has stopped already
         self.process.join(timeout)
         if self.process.is_alive():
-            self.process.terminate()
+            self.process.kill()  # it ignores SIGTERM
             self.process.join(timeout)
 
     def _send(self, message: tuple) -> None:
@@ -148,6 +149,9 @@ def _serve(settings: Settings, device: str, replica: int, conn) -> None:
     """A replica process's life: load and warm up the model, then run what the worker sends
     until it says stop or goes away."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s replica {replica} %(name)s: %(message)s")
+    # A SIGTERM sent to the whole process group must not cut a batch short: the worker drains
+    # its jobs, then says stop (or goes away, which ends the loop below).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from engine import EditEngine
     from model_loader import ModelHolder
 

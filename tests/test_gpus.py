@@ -174,6 +174,7 @@ def test_a_replica_process_gives_one_devices_pixels_and_reports_progress(tiny_en
     try:
         assert len(service.replicas) == 1 and [r.name for r in service.remotes] == ["replica-1"]
         assert service.remotes[0].ready.wait(240)
+        os.kill(service.remotes[0].process.pid, signal.SIGTERM)  # RunPod's stop, sent to the process group
         two = asyncio.run(serve_all(service, jobs))
         remote_batches = service.remotes[0].batches
     finally:
