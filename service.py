@@ -18,7 +18,6 @@ import torch
 
 import compilation
 import compile_cache
-import devices
 import fetching
 import gpus
 import images
@@ -28,6 +27,7 @@ import startup_clock
 from batching import Batcher, BatcherClosed, Lane, WorkerBroken
 from config import Settings
 from context_ranks import Followers, RankLost
+from devices import breaks_the_gpu
 from engine import EditEngine, EditRequest, EditResult
 from adapters import AppliedLora
 from lora_store import LoraStore
@@ -51,7 +51,7 @@ def _leaves_gpu_unusable(error: BaseException) -> bool:
     process can run nothing more."""
     if isinstance(error, (RankLost, ReplicaLost, torch.distributed.DistError)):
         return True
-    return devices.breaks_the_gpu(error)
+    return breaks_the_gpu(error)
 
 
 class EditService:
@@ -101,7 +101,8 @@ class EditService:
         self._progress = progress
         lanes = [Lane(run_batch=functools.partial(self._run_batch, n), on_start=functools.partial(self._start, n),
                       on_idle=functools.partial(self._warm_up_while_idle, n)) for n in range(len(self.replicas))]  # fmt: skip
-        lanes += [Lane(run_batch=remote.run_batch, on_start=functools.partial(self._start_remote, remote)) for remote in self.remotes]
+        lanes += [Lane(run_batch=remote.run_batch, on_start=functools.partial(self._start_remote, remote))
+                  for remote in self.remotes]  # fmt: skip
         self.batcher: Batcher[EditRequest, EditResult] = Batcher(
             run_batch=None,
             key=self.engine.batch_key,

@@ -39,6 +39,11 @@ def settings(**env: str) -> Settings:
     return Settings.from_env({"MODEL_ID": "Qwen/Qwen-Image-Edit-2509", **env})
 
 
+def two_replicas(tiny_env, processes: str) -> dict[str, str]:
+    """Two CPU replicas of the tiny model, one job per batch; the second in a process of its own or not."""
+    return tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1", REPLICA_PROCESSES=processes)
+
+
 @pytest.mark.parametrize(
     ("env", "visible", "expected"),
     [
@@ -64,7 +69,7 @@ def test_more_gpus_than_visible_is_refused_with_a_sentence():
 
 
 def test_two_replica_threads_share_the_jobs_and_give_one_devices_pixels(tiny_env, base_holder):
-    replicated = Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1", REPLICA_PROCESSES="false"))
+    replicated = Settings.from_env(two_replicas(tiny_env, "false"))
     jobs = [{"id": f"j{i}", "input": {"prompt": f"prompt {i % 3}", "image_base64": SAMPLE, "seed": 10 + i,
                                        "num_inference_steps": 2, "width": 64, "height": 64}} for i in range(6)]  # fmt: skip
 
@@ -106,7 +111,7 @@ def test_a_job_that_comes_while_replicas_start_does_not_load_the_next_one_out_of
     it on the event loop while the first still compiles, and compiling the second then breaks
     the first's graphs (seen on two H200s: "Detected that you are using FX to symbolically
     trace a dynamo-optimized function")."""
-    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1", REPLICA_PROCESSES="false")))
+    service = EditService(Settings.from_env(two_replicas(tiny_env, "false")))
     events: list[str] = []
     first = service.replicas[0]
     real_first, real_load = first.get, model_loader.load_model
@@ -168,7 +173,7 @@ def replica_jobs(count: int, steps: int = 2) -> list[dict]:
 
 def test_a_replica_process_gives_one_devices_pixels_and_reports_progress(tiny_env, base_holder):
     steps: dict[str, list[int]] = {}
-    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1", REPLICA_PROCESSES="true")),
+    service = EditService(Settings.from_env(two_replicas(tiny_env, "true")),
                           progress=lambda job, update: steps.setdefault(job["id"], []).append(update["step"]))  # fmt: skip
     jobs = replica_jobs(6, steps=4)
     try:
@@ -195,7 +200,7 @@ def test_a_replica_process_that_dies_mid_batch_retires_the_worker_and_each_job_i
         if threading.current_thread().name == "gpu-batcher-1":  # the lane of the replica process
             os.kill(service.remotes[0].process.pid, signal.SIGKILL)
 
-    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1", REPLICA_PROCESSES="true")),
+    service = EditService(Settings.from_env(two_replicas(tiny_env, "true")),
                           progress=kill_the_replica_process, on_broken=broken.append)  # fmt: skip
     try:
         assert service.remotes[0].ready.wait(240)
@@ -216,7 +221,7 @@ async def serve_all(service: EditService, jobs: list[dict]) -> list[dict]:
 def test_no_replica_serves_before_all_are_compiled_and_then_nothing_compiles(tiny_env):
     from side_stream import FENCE
 
-    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="replicas", GPU_COUNT="2", MAX_BATCH_SIZE="1", REPLICA_PROCESSES="false")))
+    service = EditService(Settings.from_env(two_replicas(tiny_env, "false")))
     events: list[str] = []
     slow = service.replicas[1]
     real_get = slow.get
