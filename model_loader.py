@@ -237,10 +237,11 @@ def _on_cpu(module) -> bool:
 
 def _place(pipe, offload: str, device: torch.device, quantized: bool) -> None:
     with timed(log, f"placing the pipeline (offload: {offload})"):
+        # Named: without a device diffusers offloads onto GPU 0, whichever replica's pipeline it is.
         if offload == "model":
-            pipe.enable_model_cpu_offload()
+            pipe.enable_model_cpu_offload(device=device)
         elif offload == "sequential":
-            pipe.enable_sequential_cpu_offload()
+            pipe.enable_sequential_cpu_offload(device=device)
         elif not quantized:
             pipe.to(device)
         else:
@@ -323,7 +324,8 @@ def _text_encoder(path: str, dtype: torch.dtype, device: torch.device):
     encoder landed on GPU 0, seen on two H200s)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, subfolder="text_encoder", dtype=dtype, device_map={"": device})
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, subfolder="text_encoder", dtype=dtype,
+                                                              device_map={"": device})  # fmt: skip
 
 
 def _transformer_and_vae(path: str, dtype: torch.dtype, device: torch.device, vae: bool = True):

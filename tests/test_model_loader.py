@@ -95,6 +95,17 @@ def test_the_text_encoder_is_read_onto_the_replicas_own_device(tiny_settings, ba
     assert model.pipe.text_encoder.device == torch.device("cpu")
 
 
+def test_a_replicas_offload_uses_its_own_gpu():
+    """diffusers offloads onto GPU 0 unless told which GPU: a replica on the second GPU names
+    it (CPU_OFFLOAD=model on GPUs the weights do not fit). No GPU here: the hooks are set up
+    and nothing runs."""
+    from tiny_model import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    model_loader._place(pipe, "model", torch.device("cuda", 1), quantized=False)
+    assert pipe._offload_device == torch.device("cuda", 1)
+
+
 def test_a_context_follower_loads_the_transformer_alone(tiny_settings, tiny_env, base_holder):
     """Rank 0 encodes every prompt and runs the VAE; a follower (rank > 0) runs only the
     transformer, so it does not spend GPU memory and load time on the text encoder (16.6 GB
