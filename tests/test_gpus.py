@@ -8,6 +8,7 @@ service and through RunPod's worker loop: the second on a thread of the worker's
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -22,8 +23,11 @@ import torch
 import gpus
 import model_loader
 from config import ConfigError, Settings
+from model_loader import ModelHolder
 from service import EditService
+from tests.image_server import ImageServer
 from tests.test_handler import SAMPLE, decoded
+from tests.test_loras import low_rank, written
 from tests.test_runpod_worker import good_job, pixels, standin, start_worker, stop_worker  # noqa: F401
 
 
@@ -191,6 +195,37 @@ def test_a_replica_process_gives_one_devices_pixels_and_reports_progress(tiny_en
     for a, b in zip(two, one):
         assert "error" not in a and a["seed"] == b["seed"]
         assert np.array_equal(np.asarray(decoded(a["output_image_base64"])), np.asarray(decoded(b["output_image_base64"])))
+
+
+def test_a_replica_process_applies_the_endpoints_loras_as_one_device_does(tiny_env, base_holder):
+    """LORAS reach the replica process (each batch it runs carries them, from the same file on
+    the shared disk): the same pixels as one device with them, not the base's."""
+    server = ImageServer()
+    reference = ModelHolder(Settings.from_env(tiny_env()))  # a model of its own: LoRAs change its modules
+    server.serve_bytes("/style.safetensors", written(low_rank(reference.get().pipe, seed=3), "kohya"))
+    loras = json.dumps([{"path": server.url("/style.safetensors"), "scale": 1.5}])
+    jobs = replica_jobs(4)
+    endpoint = dict(two_replicas(tiny_env, "true"), ALLOW_PRIVATE_IMAGE_URLS="true", LORAS=loras)
+    service = EditService(Settings.from_env(endpoint))
+    try:
+        assert service.remotes[0].ready.wait(240)
+        two = asyncio.run(serve_all(service, jobs))
+        remote_batches = service.remotes[0].batches
+        with_lora = Settings.from_env(tiny_env(MAX_BATCH_SIZE="1", ALLOW_PRIVATE_IMAGE_URLS="true", LORAS=loras))
+        one = asyncio.run(serve_all(EditService(with_lora, holder=reference), jobs))
+    finally:
+        service.close()
+        server.close()
+    base = asyncio.run(serve_all(EditService(Settings.from_env(tiny_env(MAX_BATCH_SIZE="1")), holder=base_holder), jobs))
+    assert 1 <= remote_batches <= 3
+    for a, b, c in zip(two, one, base):
+        assert a["loras"][0]["scale"] == 1.5 and np.array_equal(pixels_of(a), pixels_of(b))
+        assert not np.array_equal(pixels_of(a), pixels_of(c))
+
+
+def pixels_of(answer: dict) -> np.ndarray:
+    assert "output_image_base64" in answer, answer
+    return np.asarray(decoded(answer["output_image_base64"]))
 
 
 def test_a_replica_process_that_dies_mid_batch_retires_the_worker_and_each_job_is_answered_once(tiny_env):
