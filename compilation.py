@@ -101,6 +101,18 @@ def run_or_fall_back(model, run: Callable[[], T]) -> T:
         return run()
 
 
+def compile_step(model, step: Callable[[], bool]) -> bool:
+    """One warm-up `step` that compiles ahead of the jobs; whether more remain. If compiling
+    fails, serve eagerly from now on: nothing more to compile."""
+    try:
+        return step()
+    except Exception as error:  # noqa: BLE001 - compiling failed: serve eagerly, as at start
+        if not is_compile_failure(error):
+            raise
+        fall_back_to_eager(model, error)
+        return False
+
+
 def warm_up(model, run: Callable[[], None]) -> None:
     """Run the warm-up edit; if the compiled transformer fails it, fall back to eager and
     run it again, so that an error that is not about compiling still stops the start-up."""

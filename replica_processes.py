@@ -172,7 +172,7 @@ def _serve(settings: Settings, device: str, replica: int, conn) -> None:
     idle_work = model.compiled  # the LoRA slots' and batches' graphs, while nothing waits (as on one GPU)
     while True:
         if idle_work and not conn.poll():
-            idle_work = engine.warming_up and _idle_step(model, engine)
+            idle_work = engine.warming_up and compilation.compile_step(model, engine.warm_up_idle)
             continue
         try:
             kind, payload = conn.recv()
@@ -187,16 +187,6 @@ def _serve(settings: Settings, device: str, replica: int, conn) -> None:
                 payload[index] = dataclasses.replace(request, progress=_progress_to(conn, index))
             if not _answer(conn, lambda: compilation.run_or_fall_back(model, lambda: engine.run_batch(payload))):
                 return  # the GPU is unusable: this process ends, the worker retires
-
-
-def _idle_step(model, engine) -> bool:
-    try:
-        return engine.warm_up_idle()
-    except Exception as error:  # noqa: BLE001 - compiling failed: serve eagerly, as the worker does
-        if not compilation.is_compile_failure(error):
-            raise
-        compilation.fall_back_to_eager(model, error)
-        return False
 
 
 def _progress_to(conn, index: int) -> Callable[[int, int], None]:

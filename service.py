@@ -183,14 +183,8 @@ class EditService:
         model, engine = self.replicas[lane].get(), self.engines[lane]
         if not (model.compiled and engine.warming_up):  # replicas ran theirs at start: nothing to mark again
             return False
-        try:
-            more = engine.warm_up_idle()
-        except Exception as error:  # noqa: BLE001 - compiling failed: serve eagerly, as at start
-            if not compilation.is_compile_failure(error):
-                raise
-            compilation.fall_back_to_eager(model, error)
-            return False
-        if not more and lane == 0:
+        more = compilation.compile_step(model, engine.warm_up_idle)
+        if not more and model.compiled and lane == 0:
             startup_clock.mark("LoRA slots and batch sizes compiled")
             compile_cache.keep(self.settings)
         return more
