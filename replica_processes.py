@@ -64,7 +64,7 @@ class ReplicaProcess:
         self.process.start()
         theirs.close()  # ours alone now: when the process ends, reading sees the end at once
         self._lock = threading.Lock()
-        self.ready = threading.Event()  # set once it serves
+        self.ready = threading.Event()  # set by its lane once it takes jobs (after the endpoint's LoRAs)
         self.batches = 0  # batches it has run
 
     def wait_ready(self) -> None:
@@ -74,7 +74,6 @@ class ReplicaProcess:
         if kind == "failed":
             raise RuntimeError(rest[0])
         log.info("%s ready (process %d)", self.name, self.process.pid)
-        self.ready.set()
 
     def run_batch(self, requests: Sequence) -> list:
         """The batch's results from the process; each request's `progress` is called here."""

@@ -143,6 +143,7 @@ class EditService:
         remote.wait_ready()
         startup_clock.mark(f"model loaded and warmed up ({remote.name})")
         self._prepare_default_loras(remote.prepare_loras)
+        remote.ready.set()
 
     def _prepare_default_loras(self, prepare: Callable[[tuple[AppliedLora, ...]], None]) -> None:
         """Fetch and load the endpoint's own LoRAs (`LORAS`), so that its first job does not wait."""
