@@ -83,6 +83,28 @@ def pixels(b64: str):
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))).astype(int)
 
 
+def worker_env(folder: str, tiny: bool, precision: str) -> dict[str, str]:
+    """The worker's model variables: the tiny model, or the real-size pipeline with random
+    weights saved once under `folder` (`cold_start.prepare`), which the worker loads from disk."""
+    if tiny:
+        env = {"MODEL_ID": "tiny-random", "MODEL_DIR": os.path.join(folder, "tiny"), "USE_LIGHTNING_LORA": "false"}
+    else:
+        from cold_start import prepare
+
+        prepare(Path(folder))
+        env = {"MODEL_ID": str(Path(folder, "model")), "MODEL_DIR": str(Path(folder, "volume"))}
+    return {**env, "PRECISION_MODE": precision}
+
+
+def child_result(script: str, args: list[str], tiny: bool, env: dict[str, str], timeout: float) -> tuple[dict | None, str]:
+    """`script --child ARGS` in a fresh process with `env`: its RESULT line, or None and the end
+    of what it wrote to stderr."""
+    done = subprocess.run([sys.executable, script, "--child", *args, *(["--tiny"] if tiny else [])],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    return (json.loads(lines[0]), "") if lines else (None, done.stderr[-3000:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", default="/tmp/cold")
@@ -97,24 +119,15 @@ def main() -> None:
     if args.child:
         child(args.child, int(args.gpus), args.jobs, side)
         return
-    if args.tiny:
-        env = {"MODEL_ID": "tiny-random", "MODEL_DIR": os.path.join(args.dir, "tiny"), "USE_LIGHTNING_LORA": "false"}
-    else:
-        from cold_start import prepare
-
-        prepare(Path(args.dir))
-        env = {"MODEL_ID": str(Path(args.dir, "model")), "MODEL_DIR": str(Path(args.dir, "volume"))}
-    env["PRECISION_MODE"] = args.precision
+    env = worker_env(args.dir, args.tiny, args.precision)
     results = {}
     for mode, gpus in (("single", 1), *(("context", int(n)) for n in args.gpus.split(","))):
-        done = subprocess.run([sys.executable, __file__, "--child", mode, "--gpus", str(gpus), "--jobs", str(args.jobs),
-                               *(["--tiny"] if args.tiny else [])], env={**os.environ, **env}, capture_output=True,
-                              text=True, timeout=args.mode_timeout)  # fmt: skip
-        lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if not lines:
-            print(json.dumps({"mode": mode, "gpus": gpus, "failed": done.stderr[-3000:]}), flush=True)
+        result, log = child_result(__file__, [mode, "--gpus", str(gpus), "--jobs", str(args.jobs)], args.tiny, env,
+                                   args.mode_timeout)  # fmt: skip
+        if result is None:
+            print(json.dumps({"mode": mode, "gpus": gpus, "failed": log}), flush=True)
             continue
-        results[mode, gpus] = json.loads(lines[0])
+        results[mode, gpus] = result
         print(json.dumps({"gpus": gpus, **{k: v for k, v in results[mode, gpus].items() if k != "image"}}), flush=True)
     single = results.get(("single", 1))
     if single is None or len(results) < 2:

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from context_latency import gpu_memory_gib, pixels  # noqa: E402
+from context_latency import child_result, gpu_memory_gib, pixels, worker_env  # noqa: E402
 
 MODES = {
     "single": {"GPU_PARALLELISM": "single"},
@@ -114,28 +114,19 @@ def main() -> None:
     if args.child:
         child(args.child, args.gpus, args.jobs, side)
         return
-    if args.tiny:
-        env = {"MODEL_ID": "tiny-random", "MODEL_DIR": os.path.join(args.dir, "tiny"), "USE_LIGHTNING_LORA": "false"}
-    else:
-        from cold_start import prepare
-
-        prepare(Path(args.dir))
-        env = {"MODEL_ID": str(Path(args.dir, "model")), "MODEL_DIR": str(Path(args.dir, "volume"))}
-    env["PRECISION_MODE"] = args.precision
+    env = worker_env(args.dir, args.tiny, args.precision)
     results = {}
     for mode in args.modes.split(","):
         try:
-            done = subprocess.run([sys.executable, __file__, "--child", mode, "--gpus", str(args.gpus), "--jobs", str(args.jobs),
-                                   *(["--tiny"] if args.tiny else [])], env={**os.environ, **env}, capture_output=True,
-                                  text=True, timeout=args.mode_timeout)  # fmt: skip
+            result, log = child_result(__file__, [mode, "--gpus", str(args.gpus), "--jobs", str(args.jobs)], args.tiny, env,
+                                       args.mode_timeout)  # fmt: skip
         except subprocess.TimeoutExpired as expired:
             print(json.dumps({"mode": mode, "failed": f"over {args.mode_timeout} s", "log": str(expired.stderr)[-2000:]}), flush=True)
             continue
-        lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if not lines:
-            print(json.dumps({"mode": mode, "failed": done.stderr[-3000:]}), flush=True)
+        if result is None:
+            print(json.dumps({"mode": mode, "failed": log}), flush=True)
             continue
-        results[mode] = json.loads(lines[0])
+        results[mode] = result
         print(json.dumps({k: v for k, v in results[mode].items() if k != "image"}), flush=True)
     single = results.get("single")
     print("\n| mode | GPUs | ready s | images/s | × one GPU | p50 s | slowest s | encode / denoise / decode ms | max pixel difference |")
