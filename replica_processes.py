@@ -9,19 +9,24 @@ replica on the first GPU; each further GPU gets a process that loads the same mo
 (from the same files: the page cache serves them once the first has read them), compiles
 and warms it up as the worker does, and then runs the batches its batcher lane sends it.
 
-One pipe per process carries, in order:
-- to it: `("batch", requests)` (the images, seeds and LoRA files of a batch; the LoRA files
-  are on the disk both share, held by the worker until the job is answered),
-  `("loras", loras)` (prepare the endpoint's LoRAs) and `("stop", None)`;
-- from it: `("ready", None)` or `("failed", sentence)` once at start, then for each batch
-  `("progress", index, step, total)` as its steps end and one `("done", results)` or
-  `("error", kind, sentence)`.
+Each job's prompt is encoded as the job is accepted, beside the batches under way, by one
+GPU's text encoder in turn, the worker's on the first GPU or a process's
+(`ReplicaProcess.encode_ahead`); the embeddings cross the pipe in host memory (a few MB a
+prompt) and serve a batch on any GPU. Encoded by the process when its batch started instead,
+they cost 230 ms a job on two H200s (0.650 images/s against 0.703 with threads); encoded all
+by the first GPU beside its own batches, the first round on four H200s started up to 2.5 s
+late (BENCHMARKS.md).
 
-Prompts are encoded in the process that runs the batch, when the batch starts: not ahead,
-beside the batch before it, as threads do (that encoding is what waited longest in one
-interpreter). On two H200s this cost more than the shared interpreter did: 0.650 images/s
-against 0.703 with threads (BENCHMARKS.md), hence not the default; four or more GPUs,
-where threads reached x2.52 of one, were not measured.
+One pipe per process carries:
+- to it: `("batch", requests)` (the images, seeds, prompt embeddings and LoRA files of a
+  batch; the LoRA files are on the disk both share, held by the worker until the job is
+  answered), `("encode", token, request)`, `("loras", loras)` (prepare the endpoint's
+  LoRAs) and `("stop", None)`;
+- from it: `("ready", encodes_ahead)` or `("failed", sentence)` once at start; for each batch,
+  `("progress", index, step, total)` as its steps end and one `("done", results)` or
+  `("error", kind, sentence)`; for each encode, `("encoded", token, embeddings)` or
+  `("encode_failed", token, sentence)` once ready, between the others.
+A thread at each end reads the pipe, so that an encode is taken and answered while a batch runs.
 
 A process that stops (killed, out of host memory, a crash in a library) makes the batch it
 runs, and every later one, fail with `ReplicaLost`, which retires the worker (`service`):
@@ -32,11 +37,13 @@ reported as `ReplicaLost` too: that process's CUDA context is unusable, so it ex
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import multiprocessing
-import multiprocessing.connection
+import queue
 import signal
 import threading
+from concurrent.futures import Future
 from typing import Callable, Sequence
 
 import torch
@@ -44,6 +51,8 @@ import torch
 import compilation
 import devices
 from config import Settings
+from engine import EditEngine, EditRequest
+from side_stream import SideStream
 
 log = logging.getLogger("qwen_edit_worker.replicas")
 
@@ -53,8 +62,8 @@ class ReplicaLost(RuntimeError):
 
 
 class ReplicaProcess:
-    """Replica `replica` on `device`, in a process it starts at once. Its methods are called
-    from one thread at a time (its batcher lane's)."""
+    """Replica `replica` on `device`, in a process it starts at once. Its batch calls come from
+    one thread at a time (its batcher lane's); `encode_ahead` from any thread."""
 
     def __init__(self, settings: Settings, device: torch.device, replica: int):
         spawn = multiprocessing.get_context("spawn")  # CUDA cannot be forked
@@ -63,23 +72,46 @@ class ReplicaProcess:
         self.process = spawn.Process(target=_serve, args=(settings, str(device), replica, theirs), name=self.name)
         self.process.start()
         theirs.close()  # ours alone now: when the process ends, reading sees the end at once
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one batch (or LoRA preparation) at a time
+        self._send_lock = threading.Lock()
+        self._replies: queue.Queue = queue.Queue()  # for the batch calls; None once the process has ended
+        self._encodes: dict[int, Future] = {}  # asked for, not yet answered
+        self._tokens = itertools.count()
+        self._encodes_ahead = False
         self.ready = threading.Event()  # set by its lane once it takes jobs (after the endpoint's LoRAs)
         self.batches = 0  # batches it has run
+        self._ended = threading.Event()  # the process has ended and been reaped (by the pipe's reader alone:
+        # `Process.join` from two threads at once lets one see the other's reaped process as alive)
+        threading.Thread(target=self._read, name=f"{self.name}-pipe", daemon=True).start()
 
     def wait_ready(self) -> None:
         """Until the process has loaded, compiled and warmed up its model; a start that fails
         raises with its sentence."""
-        kind, *rest = self._receive()
+        kind, detail = self._receive()
         if kind == "failed":
-            raise RuntimeError(rest[0])
+            raise RuntimeError(detail)
+        self._encodes_ahead = detail
         log.info("%s ready (process %d)", self.name, self.process.pid)
 
-    def run_batch(self, requests: Sequence) -> list:
+    def encode_ahead(self, request: EditRequest) -> EditRequest:
+        """`request` with its prompt embeddings under way in the process (`EditEngine.encode_ahead`),
+        host tensors once ready; unchanged where the process's model offloads."""
+        if not self._encodes_ahead:
+            return request
+        future: Future = Future()
+        with self._send_lock:
+            token = next(self._tokens)
+            self._encodes[token] = future
+        try:
+            self._send(("encode", token, _bare(request, prompts=None)))
+        except ReplicaLost as lost:
+            self._encodes.pop(token, None)
+            future.set_exception(lost)
+        return dataclasses.replace(request, prompts=future)
+
+    def run_batch(self, requests: Sequence[EditRequest]) -> list:
         """The batch's results from the process; each request's `progress` is called here."""
-        # What cannot cross a process: the progress callbacks (called here instead) and the
-        # prompt embeddings made ahead (the process encodes its own).
-        sent = [dataclasses.replace(request, progress=None, prompts=None) for request in requests]
+        sent = [_bare(request, prompts=_on_host(request.prompts)) for request in requests]
         with self._lock:
             self._send(("batch", sent))
             while True:
@@ -105,33 +137,80 @@ class ReplicaProcess:
     def stop(self, timeout: float = 10) -> None:
         """Let the process leave its loop, then end it if it does not."""
         try:
-            self._conn.send(("stop", None))
-        except OSError:
+            self._send(("stop", None))
+        except ReplicaLost:
             pass  # it has stopped already
-        self.process.join(timeout)
-        if self.process.is_alive():
+        if not self._ended.wait(timeout):
             self.process.kill()  # it ignores SIGTERM
-            self.process.join(timeout)
+            self._ended.wait(timeout)
 
     def _send(self, message: tuple) -> None:
         try:
-            self._conn.send(message)
+            with self._send_lock:
+                self._conn.send(message)
         except OSError:
             raise self._lost() from None
 
+    def _read(self) -> None:
+        """The pipe's reader: embeddings to the futures waiting for them, the rest to the batch
+        calls; once the process has ended, `ReplicaLost` to everything still waiting."""
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            kind, *rest = message
+            if kind in ("encoded", "encode_failed"):
+                token, result = rest
+                future = self._encodes.pop(token)
+                if kind == "encoded":
+                    future.set_result(result)
+                else:
+                    future.set_exception(RuntimeError(f"{self.name}: {result}"))
+            else:
+                self._replies.put(message)
+        self.process.join()
+        self._ended.set()
+        lost = self._lost()
+        with self._send_lock:
+            waiting, self._encodes = list(self._encodes.values()), {}
+        for future in waiting:
+            future.set_exception(lost)
+        self._replies.put(None)
+
     def _receive(self) -> tuple:
-        """The next message; `ReplicaLost` once the process has ended and said everything."""
-        multiprocessing.connection.wait([self._conn, self.process.sentinel])
-        try:
-            if self._conn.poll():
-                return self._conn.recv()
-        except (EOFError, OSError):
-            pass
-        raise self._lost()
+        """The next reply; `ReplicaLost` once the process has ended and said everything."""
+        message = self._replies.get()
+        if message is None:
+            self._replies.put(None)  # for every later call too
+            raise self._lost()
+        return message
 
     def _lost(self) -> ReplicaLost:
-        self.process.join(5)
-        return ReplicaLost(f"{self.name} of the GPU processes stopped (exit code {self.process.exitcode})")
+        how = f" (exit code {self.process.exitcode})" if self._ended.wait(5) else " answering"
+        return ReplicaLost(f"{self.name} of the GPU processes stopped{how}")
+
+
+def _bare(request: EditRequest, prompts: tuple | None) -> EditRequest:
+    """What of `request` crosses to a process: not its progress callback (called on this side),
+    its prompt embeddings only as host tensors."""
+    return dataclasses.replace(request, progress=None, prompts=prompts)
+
+
+def _on_host(prompts: Future | None) -> tuple | None:
+    """The embeddings made ahead (`EditEngine.encode_ahead`), once ready, in host memory."""
+    if prompts is None:
+        return None
+    return tuple(t if t is None else t.cpu() for t in SideStream.take(prompts))
+
+
+def _made(prompts: tuple | None) -> Future | None:
+    """Embeddings that came with a batch, as the engine takes embeddings made ahead."""
+    if prompts is None:
+        return None
+    future: Future = Future()
+    future.set_result(prompts)
+    return future
 
 
 def _error(name: str, kind: str, sentence: str) -> Exception:
@@ -151,7 +230,6 @@ def _serve(settings: Settings, device: str, replica: int, conn) -> None:
     # A SIGTERM sent to the whole process group must not cut a batch short: the worker drains
     # its jobs, then says stop (or goes away, which ends the loop below).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from engine import EditEngine
     from model_loader import ModelHolder
 
     where = torch.device(device)
@@ -167,42 +245,84 @@ def _serve(settings: Settings, device: str, replica: int, conn) -> None:
         log.exception("replica %d could not start", replica)
         conn.send(("failed", f"replica {replica} on {device} could not start: {compilation.first_line(error)}"))
         return
-    conn.send(("ready", None))
+    pipe = _ChildPipe(conn, engine)
+    pipe.send(("ready", model.offload == "none"))  # offloading encodes nothing ahead (`encode_ahead`)
     idle_work = model.compiled  # the LoRA slots' and batches' graphs, while nothing waits (as on one GPU)
     while True:
-        if idle_work and not conn.poll():
+        if idle_work and pipe.inbox.empty():
             idle_work = engine.warming_up and compilation.compile_step(model, engine.warm_up_idle)
             continue
-        try:
-            kind, payload = conn.recv()
-        except (EOFError, OSError):  # the worker has gone
-            return
+        kind, payload = pipe.inbox.get()
         if kind == "stop":
             return
         if kind == "loras":
-            _answer(conn, lambda: engine.prepare_loras(payload))
+            pipe.answer(lambda: engine.prepare_loras(payload))
         elif kind == "batch":
             for index, request in enumerate(payload):
-                payload[index] = dataclasses.replace(request, progress=_progress_to(conn, index))
-            if not _answer(conn, lambda: compilation.run_or_fall_back(model, lambda: engine.run_batch(payload))):
+                payload[index] = dataclasses.replace(request, progress=pipe.progress_of(index), prompts=_made(request.prompts))
+            if not pipe.answer(lambda: compilation.run_or_fall_back(model, lambda: engine.run_batch(payload))):
                 return  # the GPU is unusable: this process ends, the worker retires
 
 
-def _progress_to(conn, index: int) -> Callable[[int, int], None]:
-    return lambda step, total: conn.send(("progress", index, step, total))
+class _ChildPipe:
+    """The process's end of the pipe: a thread reads it, starting each encode on the engine's
+    side stream at once and queueing the rest (`inbox`) for the process's main thread; the
+    encodes' answers and the batches' share the pipe through one lock."""
 
+    def __init__(self, conn, engine: EditEngine):
+        self._conn, self._engine = conn, engine
+        self._lock = threading.Lock()
+        self.inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, name="pipe", daemon=True).start()
 
-def _answer(conn, run: Callable[[], object]) -> bool:
-    """Send `run()`'s result, or what its failure is; whether this process can go on."""
-    try:
-        conn.send(("done", run()))
-        return True
-    except torch.OutOfMemoryError as error:
-        torch.cuda.empty_cache()
-        conn.send(("error", "oom", str(error).splitlines()[0][:300]))
-        return True
-    except Exception as error:  # noqa: BLE001 - the worker decides what the job is told
-        log.exception("a batch failed")
-        fatal = devices.breaks_the_gpu(error)
-        conn.send(("error", "fatal" if fatal else "failed", compilation.first_line(error)))
-        return not fatal
+    def send(self, message: tuple) -> None:
+        with self._lock:
+            self._conn.send(message)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):  # the worker has gone
+                message = ("stop", None)
+            if message[0] == "encode":
+                self._encode(*message[1:])
+            else:
+                self.inbox.put(message)
+            if message[0] == "stop":
+                return
+
+    def _encode(self, token: int, request: EditRequest) -> None:
+        try:
+            future = self._engine.encode_ahead(request).prompts
+        except Exception as error:  # noqa: BLE001 - the job's batch says it
+            self.send(("encode_failed", token, compilation.first_line(error)))
+            return
+        future.add_done_callback(lambda done: self._encoded(token, done))
+
+    def _encoded(self, token: int, done: Future) -> None:
+        try:
+            self.send(("encoded", token, _on_host(done)))
+        except OSError:
+            pass  # the worker has gone
+        except Exception as error:  # noqa: BLE001 - the job's batch says it
+            log.exception("a prompt could not be encoded")
+            self.send(("encode_failed", token, compilation.first_line(error)))
+
+    def progress_of(self, index: int) -> Callable[[int, int], None]:
+        return lambda step, total: self.send(("progress", index, step, total))
+
+    def answer(self, run: Callable[[], object]) -> bool:
+        """Send `run()`'s result, or what its failure is; whether this process can go on."""
+        try:
+            self.send(("done", run()))
+            return True
+        except torch.OutOfMemoryError as error:
+            torch.cuda.empty_cache()
+            self.send(("error", "oom", str(error).splitlines()[0][:300]))
+            return True
+        except Exception as error:  # noqa: BLE001 - the worker decides what the job is told
+            log.exception("a batch failed")
+            fatal = devices.breaks_the_gpu(error)
+            self.send(("error", "fatal" if fatal else "failed", compilation.first_line(error)))
+            return not fatal

@@ -156,15 +156,16 @@ class EditService:
             self.lora_store.release(files)
         log.info("LORAS ready: %s", ", ".join(lora.path for lora in self.default_loras))
 
-    def _encoder(self) -> EditEngine:
+    def _encoder(self) -> EditEngine | ReplicaProcess:
         """The replica whose text encoder encodes the next job's prompt ahead: each started one
         in turn, so that with N GPUs N prompts are encoded at once (any replica's embeddings
-        serve any GPU). Until they have started, the first: asking another replica for its
-        model would load it here, out of the start order, and its compile would break the
-        graphs the first one is running meanwhile (seen on two H200s)."""
-        serving = list(self._serving) or [0]
+        serve any GPU; a replica process's come back in host memory). Until they have
+        started, the first: asking another replica for its model would load it here, out of
+        the start order, and its compile would break the graphs the first one is running
+        meanwhile (seen on two H200s)."""
+        serving = [self.engines[n] for n in self._serving] + [r for r in self.remotes if r.ready.is_set()]
         self._encodes += 1
-        return self.engines[serving[self._encodes % len(serving)]]
+        return serving[self._encodes % len(serving)] if serving else self.engine
 
     def _compile_ahead(self, lane: int, model) -> None:
         """The replica's compile warm-up, while its text encoder is still to load (`model_loader`)."""
@@ -244,8 +245,7 @@ class EditService:
             plan = self.engine.plan(request)
             outputs.check_fits(request.num_images, plan.width, plan.height, params.output_format, self.settings)
             await asyncio.to_thread(self._check_text_fits, request, plan)
-            if not self.remotes:  # a replica process encodes its batch's prompts itself (`replica_processes`)
-                request = self._encoder().encode_ahead(request)
+            request = self._encoder().encode_ahead(request)
             result = await self.batcher.submit(request, size=request.num_images)
             finished = time.perf_counter()
             response = await asyncio.to_thread(self._respond, job, request, params, result)

@@ -8,6 +8,7 @@ service and through RunPod's worker loop: the second on a thread of the worker's
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -23,8 +24,10 @@ import torch
 import gpus
 import model_loader
 from config import ConfigError, Settings
+from engine import EditRequest
 from model_loader import ModelHolder
 from service import EditService
+from tests.conftest import random_image
 from tests.image_server import ImageServer
 from tests.test_handler import SAMPLE, decoded
 from tests.test_loras import low_rank, written
@@ -221,6 +224,29 @@ def test_a_replica_process_applies_the_endpoints_loras_as_one_device_does(tiny_e
     for a, b, c in zip(two, one, base):
         assert a["loras"][0]["scale"] == 1.5 and np.array_equal(pixels_of(a), pixels_of(b))
         assert not np.array_equal(pixels_of(a), pixels_of(c))
+
+
+def test_prompt_embeddings_made_ahead_on_one_gpu_serve_a_batch_on_the_other(tiny_env):
+    """Prompts are encoded as jobs arrive, by each GPU's text encoder in turn, and a batch takes
+    them on whichever GPU it runs: embeddings of another prompt than the request's give that
+    other prompt's pixels, made by the worker for the process and by the process for the worker."""
+    service = EditService(Settings.from_env(two_replicas(tiny_env, "true")))
+    remote = service.remotes[0]
+    asked = EditRequest(prompt="a red roof", images=(random_image(64, 64),), seed=5, num_inference_steps=2,
+                        true_cfg_scale=1.0, width=64, height=64)  # fmt: skip
+    try:
+        assert remote.ready.wait(240)
+        expected = service.engine.run_batch([asked])[0].images[0]
+        by_the_worker = dataclasses.replace(service.engine.encode_ahead(asked), prompt="something else entirely")
+        by_the_process = dataclasses.replace(remote.encode_ahead(asked), prompt="something else entirely")
+        assert all(type(t) is torch.Tensor and t.device.type == "cpu" for t in by_the_process.prompts.result(60) if t is not None)
+        on_the_process = remote.run_batch([by_the_worker])[0].images[0]
+        on_the_worker = service.engine.run_batch([by_the_process])[0].images[0]
+        encoders = {type(service._encoder()).__name__ for _ in range(4)}
+    finally:
+        service.close()
+    assert np.array_equal(on_the_process, expected) and np.array_equal(on_the_worker, expected)
+    assert encoders == {"EditEngine", "ReplicaProcess"}  # jobs' prompts go to both in turn
 
 
 def pixels_of(answer: dict) -> np.ndarray:
