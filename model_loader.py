@@ -314,7 +314,9 @@ def _load_staged(settings: Settings, path: str, device: torch.device, dtype: tor
     if follower:
         return model  # a follower runs only the transformer: rank 0 encodes the prompts and runs the VAE
     given = {name: part for name, part in pipe.components.items() if name not in TEXT_PARTS}
-    model.pipe = _load_onto(path, dtype, device, "the text encoder", text_encoder=_text_encoder(path, dtype, device), **given)
+    with timed(log, f"reading the text encoder from {path} onto {device}"):
+        text_encoder = _text_encoder(path, dtype, device)
+    model.pipe = _load_onto(path, dtype, device, "the tokenizer and the processor", text_encoder=text_encoder, **given)
     return model
 
 

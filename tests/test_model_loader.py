@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import threading
+import time
 
 import pytest
 import torch
@@ -78,21 +80,26 @@ def test_weights_that_fit_are_read_straight_onto_the_device(base_holder):
     assert base_holder.get().pipe.hf_device_map == "cpu"  # the tiny model's device here
 
 
-def test_the_text_encoder_is_read_onto_the_replicas_own_device(tiny_settings, base_holder, monkeypatch):
+def test_the_text_encoder_is_read_onto_the_replicas_own_device(tiny_settings, base_holder, monkeypatch, caplog):
     """transformers takes the pipeline's device_map="cuda" as GPU 0, whatever the thread's
-    current GPU: each replica names its own device (no GPU here: the request is what is checked)."""
+    current GPU: each replica names its own device (no GPU here: the request is what is checked).
+    The start-up log says how long the read took (a slow disk stands in for 16.6 GB)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     asked, real = [], Qwen2_5_VLForConditionalGeneration.from_pretrained
 
     def from_pretrained(*args, **kwargs):
         asked.append(kwargs.get("device_map"))
+        time.sleep(0.5)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "from_pretrained", from_pretrained)
-    model = load_model(tiny_settings, torch.device("cpu"), replica=1)
+    with caplog.at_level("INFO", logger="qwen_edit_worker.model"):
+        model = load_model(tiny_settings, torch.device("cpu"), replica=1)
     assert asked == [{"": torch.device("cpu")}]
     assert model.pipe.text_encoder.device == torch.device("cpu")
+    took = re.search(r"reading the text encoder from \S+ onto cpu took (\d+\.\d+) s", caplog.text)
+    assert took and float(took.group(1)) >= 0.5
 
 
 def test_a_replicas_offload_uses_its_own_gpu():
