@@ -86,7 +86,7 @@ class Settings:
     max_lora_rank: int = 64
     gpu_parallelism: str = "auto"  # auto: a replica on every GPU when there are several; context: one job across them
     gpu_count: int = 0  # GPUs to use; 0: every visible one (on a CPU: CPU replicas, for tests)
-    replica_processes: bool = False  # replicas on GPUs 1.. in processes of their own (default: threads of this one)
+    replica_processes: bool = True  # replicas on GPUs 1.. in processes of their own (false: threads of this one)
     # LoRAs applied to every job that does not send `loras` (an endpoint serving a fixed set).
     default_loras: tuple = ()
 

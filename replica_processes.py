@@ -1,9 +1,9 @@
-"""GPU_PARALLELISM=replicas with REPLICA_PROCESSES=true: the replicas on GPUs 1.. each run
-in a process of their own (the default runs them on threads of the worker's process).
+"""GPU_PARALLELISM=replicas (REPLICA_PROCESSES=true, the default): the replicas on GPUs 1..
+each run in a process of their own (false: on threads of the worker's process).
 
 Replicas as threads of one process share its interpreter, and the host work of every GPU
-waits its turn there: on four H200s, three of the first four jobs waited 1.1-2.3 s for
-prompt embeddings that take 75 ms on one GPU, and the forwards ran up to 20% slower
+waits its turn there: on four H200s the forwards ran 18% slower than alone and 8 queued jobs
+ran at x2.77 of one GPU, against x3.51 in processes; on two GPUs both gave x1.84-1.85
 (BENCHMARKS.md). So the worker's own process keeps the RunPod loop, the batcher and the
 replica on the first GPU; each further GPU gets a process that loads the same model there
 (from the same files: the page cache serves them once the first has read them), compiles

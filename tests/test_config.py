@@ -26,6 +26,7 @@ def test_defaults_are_the_documented_ones():
     assert (s.max_input_images, s.allow_private_image_urls) == (3, False)
     assert s.reference_image_area == 1024 * 1024
     assert (s.default_steps, s.default_true_cfg_scale) == (8, 1.0)
+    assert (s.gpu_parallelism, s.gpu_count, s.replica_processes) == ("auto", 0, True)
 
 
 def test_model_dir_defaults_to_the_network_volume_when_one_is_mounted(tmp_path):

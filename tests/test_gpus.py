@@ -2,8 +2,8 @@
 
 There is no GPU here: the device choice is checked with the GPU count given, and replicas
 run as CPU replicas of the tiny model, each its own pipeline and batcher lane, through the
-service and through RunPod's worker loop: the second on a thread of the worker's process
-(the default) or, with REPLICA_PROCESSES=true, in a process of its own (`replica_processes`)."""
+service and through RunPod's worker loop: the second in a process of its own (the default,
+`replica_processes`) or, with REPLICA_PROCESSES=false, on a thread of the worker's process."""
 
 from __future__ import annotations
 
