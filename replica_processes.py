@@ -105,8 +105,8 @@ class ReplicaProcess:
         try:
             self._send(("encode", token, _bare(request, prompts=None)))
         except ReplicaLost as lost:
-            self._encodes.pop(token, None)
-            future.set_exception(lost)
+            if self._encodes.pop(token, None) is not None:  # else the reader has failed it already
+                future.set_exception(lost)
         return dataclasses.replace(request, prompts=future)
 
     def run_batch(self, requests: Sequence[EditRequest]) -> list:

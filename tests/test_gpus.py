@@ -26,6 +26,7 @@ import model_loader
 from config import ConfigError, Settings
 from engine import EditRequest
 from model_loader import ModelHolder
+from replica_processes import ReplicaLost
 from service import EditService
 from tests.conftest import random_image
 from tests.image_server import ImageServer
@@ -247,6 +248,26 @@ def test_prompt_embeddings_made_ahead_on_one_gpu_serve_a_batch_on_the_other(tiny
         service.close()
     assert np.array_equal(on_the_process, expected) and np.array_equal(on_the_worker, expected)
     assert encoders == {"EditEngine", "ReplicaProcess"}  # jobs' prompts go to both in turn
+
+
+def test_prompts_given_to_a_replica_process_that_stops_fail_as_lost(tiny_env):
+    """An encode the process had not answered when it stopped, and one asked after, fail with
+    `ReplicaLost` (which retires the worker), not wait forever."""
+    service = EditService(Settings.from_env(two_replicas(tiny_env, "true")))
+    remote = service.remotes[0]
+    asked = EditRequest(prompt="a red roof", images=(random_image(64, 64),), seed=5, num_inference_steps=2,
+                        true_cfg_scale=1.0, width=64, height=64)  # fmt: skip
+    try:
+        assert remote.ready.wait(240)
+        os.kill(remote.process.pid, signal.SIGSTOP)  # it cannot answer
+        pending = remote.encode_ahead(asked).prompts
+        os.kill(remote.process.pid, signal.SIGKILL)
+        after = remote.encode_ahead(asked).prompts
+        for future in (pending, after):
+            with pytest.raises(ReplicaLost, match=r"^replica-1 of the GPU processes stopped \(exit code -9\)$"):
+                future.result(30)
+    finally:
+        service.close()
 
 
 def pixels_of(answer: dict) -> np.ndarray:
