@@ -10,7 +10,10 @@ transformers, diffusers' pipeline), with, in the background:
 - `libraries`: first the shared libraries the imports map (torch's and the CUDA wheels' `lib`
   folders, files over 1 MB), then the file;
 - `weights-K`: the file read in chunks of K KiB instead of `prefetch.CHUNK` (`weights-16384`:
-  the 16 MiB reads the prefetch made before).
+  the 16 MiB reads the prefetch made before);
+- `process`: the same reads as `weights`, from another process: the imports then share the
+  disk with the reads but not their interpreter (the worker's prefetch is a thread of the
+  importing process, whose every read is a Python call that takes the interpreter's lock).
 It prints when the imports ended and when the read ended, in seconds after the process started.
 """
 
@@ -42,7 +45,12 @@ def read():
     if trial == "libraries":
         files = big_libraries()
         ended["libraries"] = (round(prefetch.read_all(files) / 1e9, 2), round(startup_clock.seconds_since_start(), 1))
-    prefetch.read_all([big])
+    if trial == "process":
+        import subprocess
+        code = f"import sys; sys.path.insert(0, {{{root!r}!r}}); import prefetch; prefetch.read_all([{{str(big)!r}}])"
+        subprocess.run([sys.executable, "-c", code], check=True)
+    else:
+        prefetch.read_all([big])
     ended["read"] = round(startup_clock.seconds_since_start(), 1)
 def big_libraries():
     import importlib.util
