@@ -306,13 +306,17 @@ class EditEngine:
             results.append(EditResult(images, plan.width, plan.height, len(requests), dict(timings)))
         return results
 
+    def encodes_ahead(self) -> bool:
+        """Whether `encode_ahead` encodes. Not with offloading: its hooks move whole components
+        on and off the GPU and assume one component runs at a time."""
+        return self._model().offload == "none"
+
     def encode_ahead(self, request: EditRequest) -> EditRequest:
         """`request` with its prompt embeddings under way beside the GPU thread (`side_stream`),
-        so that they overlap with the batches ahead of it. Not with offloading: its hooks move
-        whole components on and off the GPU and assume one component runs at a time."""
-        model = self._model()
-        if model.offload != "none":
+        so that they overlap with the batches ahead of it (unchanged where `encodes_ahead` is false)."""
+        if not self.encodes_ahead():
             return request
+        model = self._model()
         future = self._prompt_side.submit(self._encode_prompts, model.pipe, request, model.device, device=model.device)
         return dataclasses.replace(request, prompts=future)
 

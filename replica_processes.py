@@ -246,7 +246,7 @@ def _serve(settings: Settings, device: str, replica: int, conn) -> None:
         conn.send(("failed", f"replica {replica} on {device} could not start: {compilation.first_line(error)}"))
         return
     pipe = _ChildPipe(conn, engine)
-    pipe.send(("ready", model.offload == "none"))  # offloading encodes nothing ahead (`encode_ahead`)
+    pipe.send(("ready", engine.encodes_ahead()))
     idle_work = model.compiled  # the LoRA slots' and batches' graphs, while nothing waits (as on one GPU)
     while True:
         if idle_work and pipe.inbox.empty():
