@@ -227,47 +227,48 @@ def test_a_replica_process_applies_the_endpoints_loras_as_one_device_does(tiny_e
         assert not np.array_equal(pixels_of(a), pixels_of(c))
 
 
-def test_prompt_embeddings_made_ahead_on_one_gpu_serve_a_batch_on_the_other(tiny_env):
+@pytest.fixture
+def process_replicas(tiny_env):
+    """A worker whose second replica runs in a process of its own, once that process serves."""
+    service = EditService(Settings.from_env(two_replicas(tiny_env, "true")))
+    try:
+        assert service.remotes[0].ready.wait(240)
+        yield service
+    finally:
+        service.close()
+
+
+def red_roof() -> EditRequest:
+    return EditRequest(prompt="a red roof", images=(random_image(64, 64),), seed=5, num_inference_steps=2,
+                       true_cfg_scale=1.0, width=64, height=64)  # fmt: skip
+
+
+def test_prompt_embeddings_made_ahead_on_one_gpu_serve_a_batch_on_the_other(process_replicas):
     """Prompts are encoded as jobs arrive, by each GPU's text encoder in turn, and a batch takes
     them on whichever GPU it runs: embeddings of another prompt than the request's give that
     other prompt's pixels, made by the worker for the process and by the process for the worker."""
-    service = EditService(Settings.from_env(two_replicas(tiny_env, "true")))
-    remote = service.remotes[0]
-    asked = EditRequest(prompt="a red roof", images=(random_image(64, 64),), seed=5, num_inference_steps=2,
-                        true_cfg_scale=1.0, width=64, height=64)  # fmt: skip
-    try:
-        assert remote.ready.wait(240)
-        expected = service.engine.run_batch([asked])[0].images[0]
-        by_the_worker = dataclasses.replace(service.engine.encode_ahead(asked), prompt="something else entirely")
-        by_the_process = dataclasses.replace(remote.encode_ahead(asked), prompt="something else entirely")
-        assert all(type(t) is torch.Tensor and t.device.type == "cpu" for t in by_the_process.prompts.result(60) if t is not None)
-        on_the_process = remote.run_batch([by_the_worker])[0].images[0]
-        on_the_worker = service.engine.run_batch([by_the_process])[0].images[0]
-        encoders = {type(service._encoder()).__name__ for _ in range(4)}
-    finally:
-        service.close()
+    service, remote, asked = process_replicas, process_replicas.remotes[0], red_roof()
+    expected = service.engine.run_batch([asked])[0].images[0]
+    by_the_worker = dataclasses.replace(service.engine.encode_ahead(asked), prompt="something else entirely")
+    by_the_process = dataclasses.replace(remote.encode_ahead(asked), prompt="something else entirely")
+    assert all(type(t) is torch.Tensor and t.device.type == "cpu" for t in by_the_process.prompts.result(60) if t is not None)
+    on_the_process = remote.run_batch([by_the_worker])[0].images[0]
+    on_the_worker = service.engine.run_batch([by_the_process])[0].images[0]
     assert np.array_equal(on_the_process, expected) and np.array_equal(on_the_worker, expected)
-    assert encoders == {"EditEngine", "ReplicaProcess"}  # jobs' prompts go to both in turn
+    assert {type(service._encoder()).__name__ for _ in range(4)} == {"EditEngine", "ReplicaProcess"}  # both in turn
 
 
-def test_prompts_given_to_a_replica_process_that_stops_fail_as_lost(tiny_env):
+def test_prompts_given_to_a_replica_process_that_stops_fail_as_lost(process_replicas):
     """An encode the process had not answered when it stopped, and one asked after, fail with
     `ReplicaLost` (which retires the worker), not wait forever."""
-    service = EditService(Settings.from_env(two_replicas(tiny_env, "true")))
-    remote = service.remotes[0]
-    asked = EditRequest(prompt="a red roof", images=(random_image(64, 64),), seed=5, num_inference_steps=2,
-                        true_cfg_scale=1.0, width=64, height=64)  # fmt: skip
-    try:
-        assert remote.ready.wait(240)
-        os.kill(remote.process.pid, signal.SIGSTOP)  # it cannot answer
-        pending = remote.encode_ahead(asked).prompts
-        os.kill(remote.process.pid, signal.SIGKILL)
-        after = remote.encode_ahead(asked).prompts
-        for future in (pending, after):
-            with pytest.raises(ReplicaLost, match=r"^replica-1 of the GPU processes stopped \(exit code -9\)$"):
-                future.result(30)
-    finally:
-        service.close()
+    remote = process_replicas.remotes[0]
+    os.kill(remote.process.pid, signal.SIGSTOP)  # it cannot answer
+    pending = remote.encode_ahead(red_roof()).prompts
+    os.kill(remote.process.pid, signal.SIGKILL)
+    after = remote.encode_ahead(red_roof()).prompts
+    for future in (pending, after):
+        with pytest.raises(ReplicaLost, match=r"^replica-1 of the GPU processes stopped \(exit code -9\)$"):
+            future.result(30)
 
 
 def pixels_of(answer: dict) -> np.ndarray:
