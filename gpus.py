@@ -3,8 +3,8 @@
 - `single`: one GPU, as on a one-GPU pod.
 - `replicas`: every GPU holds the whole pipeline and has its own batcher lane; each ready
   batch goes to a free GPU. A lone job runs as fast as on one GPU; jobs that queue run
-  N at a time. The lanes are threads of this process, or with REPLICA_PROCESSES=true, for
-  GPUs 1.., processes of their own (`replica_processes`).
+  N at a time. GPUs 1.. run in processes of their own (`replica_processes`), or with
+  REPLICA_PROCESSES=false on threads of this process.
 - `auto` (the default): replicas when several GPUs are visible, else single.
 
 Replicas need the whole pipeline to fit on each GPU (bf16 or fp8; bitsandbytes places its
