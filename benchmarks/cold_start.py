@@ -10,7 +10,8 @@ huggingface_hub's cache layout, where the worker finds a downloaded Lightning fi
 Then it drops the page cache for those files and reads them raw (the floor: no start can
 load the weights faster than the disk gives them), and for each run PRECISION/CACHE/MAX_LORAS
 (cache `empty`: MODEL_DIR's inductor cache removed; `warm`: as the previous run left it; a
-fourth field `stand-in` sets COMPILE_WHILE_LOADING=true) drops
+further fields: `stand-in` sets COMPILE_WHILE_LOADING=true, `parallel` diffusers'
+HF_ENABLE_PARALLEL_LOADING=yes, which reads a model's shards on several threads) drops
 the page cache again and starts a fresh process that does what a worker does: imports, builds
 `EditService` (which loads the model, fuses Lightning, compiles and warms up), then answers
 one 1024² Lightning-8 edit. The child prints the worker's own start-up log lines with the
@@ -151,7 +152,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", required=True)
     parser.add_argument("--runs", default="bf16/empty/3,bf16/warm/3",
-                        help="PRECISION/CACHE/MAX_LORAS[/stand-in], comma-separated (stand-in: COMPILE_WHILE_LOADING=true)")
+                        help="PRECISION/CACHE/MAX_LORAS[/stand-in][/parallel], comma-separated (stand-in: COMPILE_WHILE_LOADING=true, "
+                             "parallel: HF_ENABLE_PARALLEL_LOADING=yes)")
     parser.add_argument("--gpu-parallelism", default="single",
                         help="GPU_PARALLELISM of the started workers (auto on several GPUs starts replicas)")
     parser.add_argument("--importtime", action="store_true", help="report each start's slowest imports")
@@ -175,7 +177,8 @@ def main() -> None:
         drop_page_cache(files)
         env = {**os.environ, "MODEL_ID": str(folder / "model"), "MODEL_DIR": str(folder / "volume"),
                "PRECISION_MODE": precision, "MAX_LORAS": max_loras, "MAX_BATCH_SIZE": "1",
-               "GPU_PARALLELISM": args.gpu_parallelism, "COMPILE_WHILE_LOADING": str("stand-in" in more).lower()}  # fmt: skip
+               "GPU_PARALLELISM": args.gpu_parallelism, "COMPILE_WHILE_LOADING": str("stand-in" in more).lower(),
+               "HF_ENABLE_PARALLEL_LOADING": "yes" if "parallel" in more else "no"}  # fmt: skip
         python = [sys.executable, "-X", "importtime"] if args.importtime else [sys.executable]
         done = subprocess.run([*python, __file__, "--dir", args.dir, "--child"], env=env, capture_output=True,
                               text=True, timeout=560)  # fmt: skip
