@@ -1,40 +1,55 @@
 """Read the model's weight files into the page cache while the worker is still importing.
 
-A cold worker spends its first 20 s or so importing torch, transformers and diffusers before
-it can read a single weight, and then reads ~58 GB. Reading the files from a background
-thread from the process's first moment (`handler.py` starts it before importing torch)
-overlaps the two: by the time `from_pretrained` asks for the weights, much of them is in
-memory. Small reads leave the imports their turn at the disk; once `imports_done` is called,
-large reads take it. The files are read in the order the loader needs them (`model_loader`: the
-transformer, the VAE and the Lightning LoRA, which are compiled while the text encoder is
-still being read). Only files already on disk are read (nothing is downloaded here), and only
-when the machine has the memory to keep them cached; otherwise the reads would evict each
-other and cost disk bandwidth for nothing.
+A cold worker spends its first 20-40 s importing torch, transformers and diffusers before it
+can read a single weight, and then reads ~58 GB. Reading the files from the process's first
+moment (`handler.py` starts it before importing torch) overlaps the two: by the time
+`from_pretrained` asks for the weights, much of them is in memory. The files are read in the
+order the loader needs them (`model_loader`: the transformer, the VAE and the Lightning LoRA,
+which are compiled while the text encoder is still being read). Only files already on disk
+are read (nothing is downloaded here), and only when the machine has the memory to keep them
+cached; otherwise the reads would evict each other and cost disk bandwidth for nothing.
+
+The imports and the reads share one disk, and the imports' many small reads wait behind large
+ones. So the reads run in a process of their own (this file, run as a script), paced: until
+`imports_done` is called, the reader pauses after each read as long as the read took, which
+leaves the imports half of the disk's time; afterwards it reads without pauses. On an H200
+(`benchmarks/import_contention.py`, 47 GB, imports alone 23.1 s, raw read 28.7 s):
+
+| how the weights were read | imports done | read done |
+| --- | --- | --- |
+| a thread of the importing process, 128 KiB reads (before) | 39.2 s | 53.2 s |
+| another process, no pauses | 41.5 s | 27.7 s |
+| another process, paced at 50% until the imports are done (now) | 29.7 s | 42.8 s |
+| another process, paced at 25% | 29.9 s | 52.1 s |
+
+A thread is slower on both counts: each of its reads is a Python call that waits for the
+importing interpreter's lock, and that is all that paced it. Where the weights are on another
+disk than the libraries (a network volume), the pauses cost read time for nothing; that case
+was not measured.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import select
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger("qwen_edit_worker.prefetch")
 
-# Small reads while the process imports: the imports' own small reads then get their turn at
-# the disk. With 16 MiB reads a cold worker's imports took 40-51 s instead of 24 s alone; with
-# 128 KiB, 27-32 s, and the read ended 2-5 s later (H200, `benchmarks/import_contention.py`).
-CHUNK = 128 << 10
-# Large reads once the imports are done (`imports_done`): nothing needs the small reads' fairness
-# then, and the rest of the weights is what the start waits for. A whole prefetch in 128 KiB
-# reads averaged 0.64-0.82 GB/s where one 16 MiB read of the same files alone ran at
-# 1.50-1.86 GB/s; switching after the imports, the 58.5 GB were in memory at 62 s instead of
-# 72 (H200, `benchmarks/cold_start.py`).
-BULK_CHUNK = 16 << 20
+CHUNK = 16 << 20  # the disk's fastest reads (1.5-1.9 GB/s on the H200s' disks)
+DUTY = 0.5  # the share of the disk's time the reader takes while the worker imports
 HEADROOM = 1.2  # the files must fit in available memory this many times over
-
+GO = b"go\n"  # the worker to the reader: the imports are done, read without pauses
 
 LOAD_ORDER = ("transformer", "vae", "lightning", "text_encoder")
+
+_reader: subprocess.Popen | None = None
 
 
 def weight_files(model_path: str, lightning: str | None = None) -> list[Path]:
@@ -62,32 +77,44 @@ def available_memory() -> int:
     return 0
 
 
-_imports_done = threading.Event()
-
-
-def imports_done() -> None:
-    """The process has imported its libraries: the prefetch goes on with large reads."""
-    _imports_done.set()
-
-
-def read_all(files: list[Path], chunk: int | None = None, bulk_after: threading.Event | None = None) -> int:
-    """Read every byte of `files` once, `chunk` bytes at a time (default `CHUNK`), and
-    `BULK_CHUNK` at a time once `bulk_after` is set; the bytes read."""
-    buffer = memoryview(bytearray(max(chunk or CHUNK, BULK_CHUNK if bulk_after is not None else 0)))
+def read_all(files: list[Path], chunk: int = CHUNK) -> int:
+    """Read every byte of `files` once, `chunk` bytes at a time; the bytes read."""
+    buffer = memoryview(bytearray(chunk))
     total = 0
     for file in files:
         with open(file, "rb", buffering=0) as stream:
-            while True:
-                size = BULK_CHUNK if bulk_after is not None and bulk_after.is_set() else chunk or CHUNK
-                if not (count := stream.readinto(buffer[:size])):
-                    break
+            while count := stream.readinto(buffer):
                 total += count
     return total
 
 
+def read_paced(files: list[Path | str], control: int, duty: float = DUTY,
+               clock: Callable[[], float] = time.perf_counter) -> int:  # fmt: skip
+    """The reader's loop: read `files` in `CHUNK`s, after each read waiting on the `control`
+    descriptor (the worker's end of a pipe) for `read time × (1 - duty) / duty` until `GO`
+    arrives, then not at all; stop when `control` closes (the worker is gone). The bytes read."""
+    buffer = memoryview(bytearray(CHUNK))
+    total, paced = 0, True
+    for file in files:
+        with open(file, "rb", buffering=0) as stream:
+            while True:
+                began = clock()
+                if not (count := stream.readinto(buffer)):
+                    break
+                total += count
+                pause = (clock() - began) * (1 - duty) / duty if paced else 0.0
+                if select.select([control], [], [], pause)[0]:
+                    if not os.read(control, len(GO)):
+                        return total  # the worker exited or died: nobody needs the rest
+                    paced = False
+    return total
+
+
 def start(model_path: str | None, lightning: str | None = None, memory: int | None = None) -> threading.Thread | None:
-    """Start reading `model_path`'s weights (and the `lightning` file) in a daemon thread; None
-    when there is nothing to read or not enough memory to keep it."""
+    """Start reading `model_path`'s weights (and the `lightning` file) in a process of its own,
+    paced until `imports_done`; the daemon thread that waits for it and logs what it read, or
+    None when there is nothing to read or not enough memory to keep it."""
+    global _reader
     if model_path is None:
         return None
     files = weight_files(model_path, lightning)
@@ -97,17 +124,38 @@ def start(model_path: str | None, lightning: str | None = None, memory: int | No
         if files:
             log.info("weights not prefetched: %.1f GB would not stay cached in %.1f GB of free memory", size / 1e9, memory / 1e9)
         return None
+    began = time.perf_counter()
+    # -I -S: the reader needs the standard library only, not site-packages' start-up.
+    reader = subprocess.Popen([sys.executable, "-I", "-S", __file__, *map(str, files)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)  # fmt: skip
+    _reader = reader
 
-    def run():
-        began = time.perf_counter()
-        try:
-            total = read_all(files, bulk_after=_imports_done)
-        except OSError as error:  # best effort: the loader reads them anyway
-            log.info("weights prefetch stopped: %s", error)
+    def wait():
+        output = reader.stdout.read()
+        if reader.wait() != 0 or not output.strip().isdigit():  # best effort: the loader reads them anyway
+            log.info("weights prefetch stopped (the reader's exit status %s)", reader.returncode)
             return
-        seconds = time.perf_counter() - began
+        total, seconds = int(output), time.perf_counter() - began
         log.info("weights prefetched into memory: %.1f GB in %.1f s (%.2f GB/s)", total / 1e9, seconds, total / 1e9 / seconds)
 
-    thread = threading.Thread(target=run, name="weights-prefetch", daemon=True)
+    thread = threading.Thread(target=wait, name="weights-prefetch", daemon=True)
     thread.start()
     return thread
+
+
+def imports_done() -> None:
+    """The worker has imported its libraries: the reader reads the rest without pauses."""
+    if _reader is None or _reader.poll() is not None:
+        return
+    try:
+        _reader.stdin.write(GO)
+        _reader.stdin.flush()
+    except OSError:  # it ended meanwhile
+        pass
+
+
+if __name__ == "__main__":  # the reader: python prefetch.py FILE..., told by its stdin
+    try:
+        print(read_paced(sys.argv[1:], sys.stdin.fileno()), flush=True)
+    except OSError as error:
+        sys.exit(f"weights prefetch: {error}")

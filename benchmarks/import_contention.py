@@ -1,23 +1,24 @@
 """How long a cold worker's imports take while its weights are read from the same disk.
 
-    python3 benchmarks/import_contention.py --dir /tmp/contention --size-gb 40 --trials alone,weights,libraries
+    python3 benchmarks/import_contention.py --dir /tmp/contention --size-gb 40 --trials alone,weights-128,paced
 
 Writes one file of --size-gb once (the weights' stand-in). Each trial drops the page cache and
 starts a fresh process that imports what the worker imports before it loads (torch,
 transformers, diffusers' pipeline), with, in the background:
 - `alone`: nothing (the imports on a cold disk by themselves);
-- `weights`: the file read as `prefetch` reads the weights while the worker imports (a thread
-  of the importing process, `prefetch.CHUNK` at a time);
+- `weights`: a thread of the importing process reads the file, `prefetch.CHUNK` (16 MiB) at a
+  time (`weights-128`: 128 KiB at a time, how the worker read before its reader moved to a
+  process of its own);
 - `libraries`: first the shared libraries the imports map (torch's and the CUDA wheels' `lib`
   folders, files over 1 MB), then the file;
-- `weights-K`: the same thread, K KiB at a time (`weights-16384`: the 16 MiB reads the
-  prefetch made before);
-- `process`: the same reads from another process: the imports then share the disk with the
-  reads but not their interpreter (a thread's every read is a Python call that takes the
-  interpreter's lock); `process-K`: from another process, K KiB at a time;
-- `paced-P`: from another process in 16 MiB reads, reading at most P% of the time until the
-  imports are done (a pause after each read), then without pauses: the imports' small reads
-  get the disk in the pauses.
+- `weights-K`: the same thread, K KiB at a time;
+- `process`: the same 16 MiB reads from another process, without pauses: the imports then
+  share the disk with the reads but not their interpreter (a thread's every read is a Python
+  call that takes the interpreter's lock); `process-K`: K KiB at a time;
+- `paced-P`: from another process in 16 MiB reads with the worker's reader
+  (`prefetch.read_paced`), busy at most P% of the time until the imports are done (a pause
+  after each read), then without pauses: the imports' small reads get the disk in the pauses.
+  `paced`: at `prefetch.DUTY`, as the worker reads.
 It prints when the imports ended and when the read ended, in seconds after the process started.
 """
 
@@ -45,15 +46,17 @@ trial, big = sys.argv[1], Path(sys.argv[2])
 kind, _, kib = trial.partition("-")
 chunk = int(kib) << 10 if kib else prefetch.CHUNK
 ended = {{}}
-marker = Path(str(big) + ".imported")
-marker.unlink(missing_ok=True)
+if kind == "paced":  # the worker's own reader, told through its stdin when the imports are done
+    import subprocess
+    duty = int(kib) / 100 if kib else prefetch.DUTY
+    code = f"import sys; sys.path.insert(0, {{{root!r}!r}}); import prefetch; prefetch.read_paced([{{str(big)!r}}], 0, {{duty}})"
+    paced_reader = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
 def read():
     if trial == "libraries":
         files = big_libraries()
         ended["libraries"] = (round(prefetch.read_all(files) / 1e9, 2), round(startup_clock.seconds_since_start(), 1))
     if kind == "paced":
-        import subprocess
-        subprocess.run([sys.executable, {script!r}, "--paced", str(big), "--duty", kib, "--until", str(marker)], check=True)
+        paced_reader.wait()
     elif kind == "process":
         import subprocess
         code = f"import sys; sys.path.insert(0, {{{root!r}!r}}); import prefetch; prefetch.read_all([{{str(big)!r}}], {{chunk}})"
@@ -76,22 +79,12 @@ import transformers
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImageEditPlusPipeline
 torch.zeros(1, device="cuda")
 ended["imports"] = round(startup_clock.seconds_since_start(), 1)
-marker.touch()
+if kind == "paced":
+    paced_reader.stdin.write(prefetch.GO)
+    paced_reader.stdin.flush()
 reader.join() if trial != "alone" else None
 print("RESULT " + json.dumps(ended), flush=True)
 """
-
-
-def paced_read(big: Path, duty: float, until: Path) -> None:
-    """Read `big` in 16 MiB reads, busy at most `duty` of the time until `until` exists."""
-    buffer = memoryview(bytearray(16 << 20))
-    with open(big, "rb", buffering=0) as stream:
-        while True:
-            began = time.perf_counter()
-            if not stream.readinto(buffer):
-                return
-            if not until.exists():
-                time.sleep((time.perf_counter() - began) * (1 - duty) / duty)
 
 
 def drop_page_cache() -> None:
@@ -101,16 +94,10 @@ def drop_page_cache() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dir")
+    parser.add_argument("--dir", required=True)
     parser.add_argument("--size-gb", type=int, default=40)
     parser.add_argument("--trials", default="alone,weights,libraries")
-    parser.add_argument("--paced", help=argparse.SUPPRESS)
-    parser.add_argument("--duty", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--until", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.paced:
-        paced_read(Path(args.paced), args.duty / 100, Path(args.until))
-        return
     big = Path(args.dir, "weights.bin")
     if not big.exists():
         big.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +111,7 @@ def main() -> None:
     print(f"raw read of {big.stat().st_size / 1e9:.1f} GB: {time.perf_counter() - start:.1f} s", flush=True)
     for trial in args.trials.split(","):
         drop_page_cache()
-        done = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), script=__file__), trial, str(big)], capture_output=True,
+        done = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), trial, str(big)], capture_output=True,
                               text=True, timeout=300)  # fmt: skip
         lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         print(json.dumps({"trial": trial, **(json.loads(lines[0]) if lines else {"failed": done.stderr[-1500:]})}), flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import prefetch
 from config import Settings
@@ -23,35 +24,63 @@ def test_the_saved_weights_are_read_in_the_background_when_memory_can_keep_them(
     assert prefetch.read_all(files) == size
 
 
-def test_reads_are_small_while_the_process_imports_and_large_afterwards(tmp_path, monkeypatch):
-    """Small reads give the imports their turn at the disk; once they are done, large reads
-    take it (the rest of the weights is then what the start waits for)."""
+def test_the_reads_run_in_a_process_of_their_own(tiny_settings, monkeypatch, caplog):
+    """A thread's every read waits for the importing interpreter's lock: the reads must not run
+    in the worker's process (on an H200 a thread read 47 GB 10 s later than the paced process,
+    and the imports ended 9 s later beside it)."""
+    path = str(ensure_tiny_model(tiny_settings.model_dir) / "pipeline")
+    size = sum(file.stat().st_size for file in prefetch.weight_files(path))
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the weights were read in the worker's own process")
+
+    monkeypatch.setattr(prefetch, "read_all", not_here)
+    monkeypatch.setattr(prefetch, "read_paced", not_here)
+    with caplog.at_level(logging.INFO, logger="qwen_edit_worker.prefetch"):
+        prefetch.start(path, memory=size * 2).join(timeout=60)
+    assert f"weights prefetched into memory: {size / 1e9:.1f} GB" in caplog.text
+    prefetch.imports_done()  # the reader has ended: telling it is harmless
+
+
+def test_while_the_worker_imports_the_reader_pauses_as_long_as_each_read_took_and_no_longer_after(tmp_path):
+    """Paced at 50%, the imports' small reads get the disk half of the time; once told the
+    imports are done, the reader reads on without pauses."""
     import threading
 
     weights = tmp_path / "weights.safetensors"
-    weights.write_bytes(bytes(prefetch.CHUNK * 3 + prefetch.BULK_CHUNK * 2))
-    imported, sizes = threading.Event(), []
+    weights.write_bytes(bytes(prefetch.CHUNK * 3))
+    ticks = iter(range(0, 1000, 10))  # every read "takes" 10 s: a pause of 10 s after it
 
-    class Watched:  # the file as `read_all` opens it, each read's size recorded
-        def __init__(self, *args, **kwargs):
-            self.stream = open(*args, **kwargs)
+    control, worker = os.pipe()
+    result = []
+    reader = threading.Thread(target=lambda: result.append(prefetch.read_paced([weights], control, 0.5, lambda: next(ticks))))
+    reader.start()
+    reader.join(timeout=1.0)
+    assert reader.is_alive()  # pausing after its first read
+    os.write(worker, prefetch.GO)
+    reader.join(timeout=5.0)  # paced, the two reads left would take 20 s more
+    assert not reader.is_alive() and result == [weights.stat().st_size]
+    os.close(worker)
+    os.close(control)
 
-        def __enter__(self):
-            return self
 
-        def __exit__(self, *exc):
-            self.stream.close()
+def test_the_reader_stops_once_the_worker_is_gone(tmp_path):
+    """A worker that exits or dies mid-read (its end of the pipe closes) leaves no process
+    reading behind it; while it lives, every byte is read."""
+    import subprocess
+    import sys
 
-        def readinto(self, buffer):
-            sizes.append(len(buffer))
-            if len(sizes) == 3:
-                imported.set()  # the imports end after the third read
-            return self.stream.readinto(buffer)
-
-    monkeypatch.setattr(prefetch, "open", Watched, raising=False)
-    assert prefetch.read_all([weights], bulk_after=imported) == weights.stat().st_size
-    assert sizes[:3] == [prefetch.CHUNK] * 3 and set(sizes[3:]) == {prefetch.BULK_CHUNK}
-    assert prefetch.BULK_CHUNK >= 64 * prefetch.CHUNK
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(bytes(prefetch.CHUNK * 3))
+    command = [sys.executable, "-I", "-S", prefetch.__file__, str(weights)]
+    alive = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    alive.stdin.write(prefetch.GO)
+    alive.stdin.flush()
+    assert alive.stdout.read().strip() == str(prefetch.CHUNK * 3).encode()
+    alive.stdin.close()
+    assert alive.wait(timeout=60) == 0
+    gone = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)  # a closed pipe
+    assert gone.returncode == 0 and gone.stdout.strip() == str(prefetch.CHUNK).encode()  # one read, then it stopped
 
 
 def test_nothing_is_read_without_the_memory_to_keep_it_or_a_model_on_disk(tiny_settings, tmp_path):
