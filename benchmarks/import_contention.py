@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import prefetch  # noqa: E402
+from cold_start import drop_page_cache  # noqa: E402
 
 CHILD = """
 import json, sys, threading, time
@@ -77,25 +78,23 @@ import torch
 ended["torch"] = round(startup_clock.seconds_since_start(), 1)
 import transformers
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImageEditPlusPipeline
-torch.zeros(1, device="cuda")
+torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")
 ended["imports"] = round(startup_clock.seconds_since_start(), 1)
 if kind == "paced":
-    paced_reader.stdin.write(prefetch.GO)
-    paced_reader.stdin.flush()
+    try:
+        paced_reader.stdin.write(prefetch.GO)
+        paced_reader.stdin.flush()
+    except BrokenPipeError:  # it has read everything already
+        pass
 reader.join() if trial != "alone" else None
 print("RESULT " + json.dumps(ended), flush=True)
 """
 
 
-def drop_page_cache() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", required=True)
-    parser.add_argument("--size-gb", type=int, default=40)
+    parser.add_argument("--size-gb", type=float, default=40)
     parser.add_argument("--trials", default="alone,weights,libraries")
     args = parser.parse_args()
     big = Path(args.dir, "weights.bin")
@@ -103,14 +102,14 @@ def main() -> None:
         big.parent.mkdir(parents=True, exist_ok=True)
         chunk = os.urandom(64 << 20)
         with open(big, "wb") as out:
-            for _ in range(args.size_gb * 1000 // 64):
+            for _ in range(max(1, round(args.size_gb * 1000 / 64))):
                 out.write(chunk)
-    drop_page_cache()
+    how = drop_page_cache([big])
     start = time.perf_counter()
     prefetch.read_all([big], chunk=16 << 20)
-    print(f"raw read of {big.stat().st_size / 1e9:.1f} GB: {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"raw read of {big.stat().st_size / 1e9:.1f} GB after {how}: {time.perf_counter() - start:.1f} s", flush=True)
     for trial in args.trials.split(","):
-        drop_page_cache()
+        drop_page_cache([big])
         done = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), trial, str(big)], capture_output=True,
                               text=True, timeout=300)  # fmt: skip
         lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]

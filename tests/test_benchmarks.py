@@ -107,3 +107,13 @@ def test_replica_throughput_smoke_run_compares_one_device_with_threads_and_proce
     rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith(("| single |", "| threads |", "| processes |"))]
     assert [(row[1].strip(), row[2].strip()) for row in rows] == [("single", "1"), ("threads", "2"), ("processes", "2")]
     assert all(float(row[4]) > 0 and row[-2].strip() == "0" for row in rows)
+
+
+def test_import_contention_smoke_run_times_the_imports_beside_each_reader(tmp_path):
+    """The trials the GPU machine runs (the worker's paced reader, a thread's small reads)
+    run to the end here: each reports when its imports and its read ended."""
+    run = run_script("import_contention.py", "--dir", str(tmp_path), "--size-gb", "0.07", "--trials", "paced,weights-128")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"trial"')]
+    assert [result["trial"] for result in results] == ["paced", "weights-128"], run.stdout
+    assert all(result["imports"] > 0 and result["read"] > 0 for result in results), run.stdout
