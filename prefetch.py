@@ -125,9 +125,12 @@ def start(model_path: str | None, lightning: str | None = None, memory: int | No
             log.info("weights not prefetched: %.1f GB would not stay cached in %.1f GB of free memory", size / 1e9, memory / 1e9)
         return None
     began = time.perf_counter()
-    # -I -S: the reader needs the standard library only, not site-packages' start-up.
-    reader = subprocess.Popen([sys.executable, "-I", "-S", __file__, *map(str, files)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE)  # fmt: skip
+    try:  # -I -S: the reader needs the standard library only, not site-packages' start-up
+        reader = subprocess.Popen([sys.executable, "-I", "-S", __file__, *map(str, files)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE)  # fmt: skip
+    except OSError as error:  # best effort: the loader reads the weights anyway
+        log.info("weights not prefetched: the reader could not start (%s)", error)
+        return None
     _reader = reader
 
     def wait():

@@ -42,6 +42,17 @@ def test_the_reads_run_in_a_process_of_their_own(tiny_settings, monkeypatch, cap
     prefetch.imports_done()  # the reader has ended: telling it is harmless
 
 
+def test_a_reader_that_cannot_start_leaves_the_worker_starting(tiny_settings, monkeypatch, caplog):
+    """The prefetch is best effort: the loader reads the weights anyway."""
+    import sys
+
+    path = str(ensure_tiny_model(tiny_settings.model_dir) / "pipeline")
+    monkeypatch.setattr(sys, "executable", str(tiny_settings.model_dir) + "/no-python-here")
+    with caplog.at_level(logging.INFO, logger="qwen_edit_worker.prefetch"):
+        assert prefetch.start(path, memory=1 << 50) is None
+    assert "weights not prefetched: the reader could not start" in caplog.text
+
+
 def test_while_the_worker_imports_the_reader_pauses_as_long_as_each_read_took_and_no_longer_after(tmp_path):
     """Paced at 50%, the imports' small reads get the disk half of the time; once told the
     imports are done, the reader reads on without pauses."""
