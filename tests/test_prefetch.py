@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import prefetch
 from config import Settings
@@ -83,7 +84,7 @@ def test_the_reader_stops_once_the_worker_is_gone(tmp_path):
 
     weights = tmp_path / "weights.safetensors"
     weights.write_bytes(bytes(prefetch.CHUNK * 3))
-    command = [sys.executable, "-I", "-S", prefetch.__file__, str(weights)]
+    command = [sys.executable, "-I", "-S", prefetch.__file__, str(prefetch.DUTY), str(weights)]
     alive = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     alive.stdin.write(prefetch.GO)
     alive.stdin.flush()
@@ -149,3 +150,31 @@ def test_the_worker_starts_reading_the_weights_before_it_imports_torch(tiny_env,
     done = subprocess.run([sys.executable, "-c", SPY_ON_THE_PREFETCH], cwd=ROOT, env=worker_env(tiny_env, MODEL_ID=path),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert f"PREFETCH {path} before torch" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+MOUNTINFO = """\
+25 1 0:30 / / rw,relatime master:1 - overlay overlay rw,lowerdir=/l,upperdir=/u,workdir=/w
+26 25 0:31 / /proc rw,nosuid - proc proc rw
+31 25 0:44 / /runpod-volume rw,relatime shared:9 - fuse.mfs mfs#10.0.0.5:9421 rw,user_id=0
+32 25 259:1 /models /model\\040cache rw,relatime - ext4 /dev/nvme0n1p1 rw
+"""
+
+
+def test_the_file_system_of_a_path_is_its_innermost_mount():
+    assert prefetch.file_system(Path("/runpod-volume/hub/x.safetensors"), MOUNTINFO) == "fuse.mfs"
+    assert prefetch.file_system(Path("/runpod-volume-2/x"), MOUNTINFO) == "overlay"  # a prefix of a name is not a parent
+    assert prefetch.file_system(Path("/model cache/x"), MOUNTINFO) == "ext4"  # mountinfo writes a space as \040
+    assert prefetch.file_system(Path("/app/handler.py"), MOUNTINFO) == "overlay"
+    assert prefetch.file_system(Path("/x"), "not mountinfo") == ""
+
+
+def test_the_reader_pauses_unless_the_weights_are_on_a_network_file_system_the_libraries_are_not_on(tmp_path):
+    """A network volume does not queue on the disk the imports read: pauses would only slow the
+    read there. Where the weights share the libraries' file system, or another local one (which
+    may sit on the same disk), the reader is paced."""
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    mounted = MOUNTINFO.replace("/runpod-volume", str(tmp_path))  # the weights' folder as a network volume
+    assert prefetch.duty_for(weights, "/proc", mounted) == 1.0  # another file system than /proc's
+    assert prefetch.duty_for(weights, str(tmp_path), mounted) == prefetch.DUTY  # the libraries beside them
+    assert prefetch.duty_for(weights, "/proc", MOUNTINFO.replace("/model\\040cache", str(tmp_path))) == prefetch.DUTY  # ext4
