@@ -116,15 +116,18 @@ def duty_for(weights: Path, libraries: str | None = None, mountinfo: str | None 
     return 1.0 if file_system(weights, mountinfo).split(".")[0] in NETWORK_FILE_SYSTEMS else DUTY
 
 
-def read_all(files: list[Path], chunk: int = CHUNK) -> int:
-    """Read every byte of `files` once, `chunk` bytes at a time; the bytes read."""
+def _reads(files: list[Path | str], chunk: int):
+    """Read every byte of `files` once, `chunk` bytes at a time, yielding each read's size."""
     buffer = memoryview(bytearray(chunk))
-    total = 0
     for file in files:
         with open(file, "rb", buffering=0) as stream:
             while count := stream.readinto(buffer):
-                total += count
-    return total
+                yield count
+
+
+def read_all(files: list[Path], chunk: int = CHUNK) -> int:
+    """Read every byte of `files` once, `chunk` bytes at a time; the bytes read."""
+    return sum(_reads(files, chunk))
 
 
 def read_paced(files: list[Path | str], control: int, duty: float = DUTY,
@@ -132,20 +135,15 @@ def read_paced(files: list[Path | str], control: int, duty: float = DUTY,
     """The reader's loop: read `files` in `CHUNK`s, after each read waiting on the `control`
     descriptor (the worker's end of a pipe) for `read time × (1 - duty) / duty` until `GO`
     arrives, then not at all; stop when `control` closes (the worker is gone). The bytes read."""
-    buffer = memoryview(bytearray(CHUNK))
-    total, paced = 0, True
-    for file in files:
-        with open(file, "rb", buffering=0) as stream:
-            while True:
-                began = clock()
-                if not (count := stream.readinto(buffer)):
-                    break
-                total += count
-                pause = (clock() - began) * (1 - duty) / duty if paced else 0.0
-                if select.select([control], [], [], pause)[0]:
-                    if not os.read(control, len(GO)):
-                        return total  # the worker exited or died: nobody needs the rest
-                    paced = False
+    total, paced, began = 0, True, clock()
+    for count in _reads(files, CHUNK):
+        total += count
+        pause = (clock() - began) * (1 - duty) / duty if paced else 0.0
+        if select.select([control], [], [], pause)[0]:
+            if not os.read(control, len(GO)):
+                return total  # the worker exited or died: nobody needs the rest
+            paced = False
+        began = clock()
     return total
 
 

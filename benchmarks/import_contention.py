@@ -15,8 +15,8 @@ transformers, diffusers' pipeline), with, in the background:
 - `process`: the same 16 MiB reads from another process, without pauses: the imports then
   share the disk with the reads but not their interpreter (a thread's every read is a Python
   call that takes the interpreter's lock); `process-K`: K KiB at a time;
-- `paced-P`: from another process in 16 MiB reads with the worker's reader
-  (`prefetch.read_paced`), busy at most P% of the time until the imports are done (a pause
+- `paced-P`: from another process in 16 MiB reads, the worker's reader (`prefetch.py` run as
+  the worker runs it), busy at most P% of the time until the imports are done (a pause
   after each read), then without pauses: the imports' small reads get the disk in the pauses.
   `paced`: at `prefetch.DUTY`, as the worker reads.
 It prints when the imports ended and when the read ended, in seconds after the process started.
@@ -39,7 +39,7 @@ import prefetch  # noqa: E402
 from cold_start import drop_page_cache  # noqa: E402
 
 CHILD = """
-import json, sys, threading, time
+import json, subprocess, sys, threading, time
 sys.path.insert(0, {root!r})
 import prefetch, startup_clock
 from pathlib import Path
@@ -48,10 +48,9 @@ kind, _, kib = trial.partition("-")
 chunk = int(kib) << 10 if kib else prefetch.CHUNK
 ended = {{}}
 if kind == "paced":  # the worker's own reader, told through its stdin when the imports are done
-    import subprocess
     duty = int(kib) / 100 if kib else prefetch.DUTY
-    code = f"import sys; sys.path.insert(0, {{{root!r}!r}}); import prefetch; prefetch.read_paced([{{str(big)!r}}], 0, {{duty}})"
-    paced_reader = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    paced_reader = subprocess.Popen([sys.executable, "-I", "-S", prefetch.__file__, str(duty), str(big)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
 def read():
     if trial == "libraries":
         files = big_libraries()
@@ -59,7 +58,6 @@ def read():
     if kind == "paced":
         paced_reader.wait()
     elif kind == "process":
-        import subprocess
         code = f"import sys; sys.path.insert(0, {{{root!r}!r}}); import prefetch; prefetch.read_all([{{str(big)!r}}], {{chunk}})"
         subprocess.run([sys.executable, "-c", code], check=True)
     else:
