@@ -4,13 +4,15 @@ Two ways, chosen at load:
 
 - **Slots, for a compiled transformer** (`prepare_slots`): diffusers' `enable_lora_hotswap`
   pads adapters to `MAX_LORA_RANK`; `MAX_LORAS` adapter slots are loaded with a blank (zero)
-  LoRA over every linear layer of the transformer blocks before compiling. A batch's k LoRAs
+  LoRA over every linear layer of the transformer blocks (`ready_slots`: after the start-up
+  warm-up, at the first idle moment or for the first batch with LoRAs; in context mode before
+  compiling). A batch's k LoRAs
   are hot-swapped into the first k slots (`load_lora_weights(..., hotswap=True)` copies
   weights in place, the job's scale folded into the up-projection, padded on the GPU) and
   only those k slots are active, so a job pays for the LoRAs it brings, not for every slot;
   a batch without LoRAs disables them all. Each of those `MAX_LORAS + 1` states (`use_slots`)
-  is compiled once: none active at the start-up warm-up, the others while the GPU is idle
-  after it (or by the first job that needs one); then nothing recompiles (measured on an
+  is compiled once, while the GPU is idle after the start-up warm-up (or by the first job
+  that needs one); then nothing recompiles (measured on an
   H200: `BENCHMARKS.md`). Converted LoRAs are kept in CPU memory, the `MAX_LOADED_LORAS`
   most recently used.
 - **Named adapters, eager** (quantized or offloaded models, CPU): each file is loaded once,
@@ -31,6 +33,7 @@ import torch
 
 from lora_store import LoraFile, lora_subject
 from loras import LoraError, load_lora
+from startup_clock import timed
 
 log = logging.getLogger("qwen_edit_worker.adapters")
 
@@ -54,6 +57,17 @@ class AppliedLora:
 
 BLANK = ("blank", 0.0)
 SLOT_PREFIX = "slot"
+
+
+def ready_slots(model) -> None:
+    """Prepare a compiled model's LoRA slots if it has none yet. `model_loader` leaves them
+    until after the start-up warm-up (6-8 s of peft's Python on the real transformer, which the
+    first result need not wait for): they are prepared at the first idle moment or for the
+    first batch with LoRAs, whichever comes first. The blocks then compile once more, for the
+    layers the slots wrap (the computation is the same, so inductor's cache has its kernels)."""
+    if model.lora_slot_count and not model.lora_slots:
+        with timed(log, "preparing LoRA slots"):
+            model.lora_slots = prepare_slots(model.pipe, model.lora_slot_count, model.lora_rank)
 
 
 def prepare_slots(pipe, count: int, rank: int) -> tuple[str, ...]:
@@ -113,7 +127,7 @@ class AdapterCache:
         self._blank: dict | None = None
 
     def apply(self, model, loras: tuple[AppliedLora, ...]) -> None:
-        if model.lora_slots:
+        if model.lora_slot_count:
             self._apply_slots(model, loras)
             return
         pipe = model.pipe  # not compiled: a compiled model has slots whenever it can take LoRAs
@@ -131,6 +145,8 @@ class AdapterCache:
     # ------------------------------------------------------------------- slots (compiled)
 
     def _apply_slots(self, model, loras: tuple[AppliedLora, ...]) -> None:
+        if loras:
+            ready_slots(model)
         pipe = model.pipe
         for slot, lora in zip(model.lora_slots, loras):
             wanted = (lora.file.sha256, lora.scale)

@@ -35,7 +35,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
 )
 from PIL import Image
 
-from adapters import AdapterCache, AppliedLora
+from adapters import AdapterCache, AppliedLora, ready_slots
 from config import Settings
 from model_loader import LoadedModel
 from side_stream import SideStream
@@ -132,17 +132,21 @@ WARM_UP_TEXT_TOKENS = (200, 231)
 @dataclass(frozen=True)
 class _WarmUp:
     """One warm-up edit: a request per prompt, each of `images` images, with `slots` LoRA slots
-    on; with `text_tokens`, random prompt embeddings that long instead of encoded prompts."""
+    on; with `text_tokens`, random prompt embeddings that long instead of encoded prompts; with
+    `ready_slots`, after the LoRA slots are prepared (`adapters.ready_slots`), none on."""
 
     prompts: tuple[str, ...] = WARM_UP_PROMPTS[:1]
     images: int = 1
     slots: int = 0
     text_tokens: int | None = None
+    ready_slots: bool = False
 
     @property
     def label(self) -> str:
         if self.text_tokens:
             return f" (random prompt embeddings of {self.text_tokens} tokens)"
+        if self.ready_slots:
+            return " (LoRA slots prepared, none on)"
         if self.slots:
             return f" ({self.slots} LoRA slots on)"
         batch = len(self.prompts) * self.images
@@ -182,13 +186,16 @@ class EditEngine:
     def warm_up(self) -> None:
         """Compile for the most common shape (the default output size, one square reference)
         before the first job: two prompt lengths, so that later lengths reuse one
-        dynamic-shape graph. What can wait is compiled afterwards, while the GPU is idle
-        (`warm_up_idle`): the graphs for 1 to `MAX_LORAS` active LoRA slots, then batches."""
+        dynamic-shape graph. What can wait is done afterwards, while the GPU is idle
+        (`warm_up_idle`): the LoRA slots prepared and their graphs for none and 1 to
+        `MAX_LORAS` active slots compiled, then batches."""
         model = self._model()
         # After `compile_ahead` one edit is left to do: the text encoder's and the VAE's first run.
         for prompt in WARM_UP_PROMPTS[:1] if self._compiled_ahead else WARM_UP_PROMPTS:
             self._warm_up_edit(model, _WarmUp(prompts=(prompt,)))
-        slots = [_WarmUp(slots=count) for count in range(1, len(model.lora_slots) + 1)]
+        slots = [_WarmUp(slots=count) for count in range(1, model.lora_slot_count + 1)]
+        if slots and not model.lora_slots:
+            slots.insert(0, _WarmUp(ready_slots=True))
         self._idle_warm_ups = slots + self._batch_warm_ups()
 
     def compile_ahead(self, model: LoadedModel) -> None:
@@ -237,6 +244,8 @@ class EditEngine:
                  for prompt in step.prompts]  # fmt: skip
         adapters = self._adapters(model)
         start = time.perf_counter()
+        if step.ready_slots:
+            ready_slots(model)
         adapters.use_slots(model, step.slots)  # whatever the slots hold: the output is not used
         try:
             with torch.inference_mode():

@@ -79,7 +79,8 @@ class LoadedModel:
     # Adapters that belong to the model and stay active in every batch (an unfused Lightning).
     base_adapters: tuple[str, ...] = ()
     adapters: object = None  # the user LoRAs loaded into it (adapters.AdapterCache), once one is used
-    lora_slots: tuple[str, ...] = ()  # hot-swappable adapter slots of a compiled transformer
+    lora_slots: tuple[str, ...] = ()  # hot-swappable adapter slots of a compiled transformer, once prepared
+    lora_slot_count: int = 0  # how many it has, or will have once `adapters.ready_slots` has run
     lora_rank: int = 0
 
 
@@ -297,7 +298,7 @@ def load_model(
 def _load_staged(settings: Settings, path: str, device: torch.device, dtype: torch.dtype, restoring,
                  compile_ahead: Callable[[LoadedModel], None] | None, ranks: Ranks | None) -> LoadedModel:  # fmt: skip
     """Weights that fit, straight onto `device`, in two steps. First the transformer and the
-    VAE: Lightning fused, fp8, LoRA slots, and compiled by `compile_ahead` (warm-up edits with
+    VAE: Lightning fused, fp8, and compiled by `compile_ahead` (warm-up edits with
     random prompt embeddings). Then the text encoder (16.6 GB of the 58), which `prefetch` has
     been reading from disk while the compile ran, instead of the compile waiting for it. The
     followers of context mode (rank > 0) load the transformer alone."""
@@ -383,7 +384,8 @@ def _prepared(settings: Settings, pipe, device: torch.device, dtype: torch.dtype
 
 def _shaped(settings: Settings, pipe, ranks: Ranks | None, compiled: bool, restoring) -> tuple[str, ...]:
     """The transformer as it will run: real-valued RoPE, split across `ranks`, fp8, the
-    attention options, LoRA slots and the compile set up. Returns the slots' names."""
+    attention options, the LoRA slots in context mode and the compile set up. Returns the
+    slots' names (none where they are prepared later)."""
     rope_attention.install(pipe.transformer)
     if ranks is not None:
         context_parallel.enable(pipe.transformer, ranks)
@@ -391,8 +393,10 @@ def _shaped(settings: Settings, pipe, ranks: Ranks | None, compiled: bool, resto
         fp8.quantize(pipe.transformer)
     _apply_memory_options(pipe, settings)
     slots: tuple[str, ...] = ()
-    if compiled and settings.max_loras > 0 and settings.precision_mode != "fp8":
-        # Before compiling: per-request LoRAs are then hot-swapped without recompiling.
+    if _slot_count(settings, compiled) and ranks is not None:
+        # Context mode prepares them now, on every rank alike. One GPU or replicas prepare
+        # them after the first warm-up (`adapters.ready_slots`): the first result does not
+        # wait for 6-8 s of peft's Python, and the blocks compile once more for them then.
         with timed(log, "preparing LoRA slots"):
             slots = prepare_slots(pipe, settings.max_loras, settings.max_lora_rank)
     if restoring is not None:
@@ -410,8 +414,15 @@ def _loaded(settings: Settings, pipe, device: torch.device, dtype: torch.dtype, 
         else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     )
     base_adapters = ("lightning",) if settings.use_lightning_lora and settings.uses_bitsandbytes else ()
+    count = _slot_count(settings, compiled)
     return LoadedModel(pipe, device, dtype, precision, settings.use_lightning_lora, offload, compiled, base_adapters,
-                       lora_slots=slots, lora_rank=settings.max_lora_rank if slots else 0)  # fmt: skip
+                       lora_slots=slots, lora_slot_count=count, lora_rank=settings.max_lora_rank if count else 0)  # fmt: skip
+
+
+def _slot_count(settings: Settings, compiled: bool) -> int:
+    """LoRA slots for a compiled transformer (fp8's layers take no LoRA): per-request LoRAs are
+    then hot-swapped into them without recompiling."""
+    return settings.max_loras if compiled and settings.precision_mode != "fp8" else 0
 
 
 class ModelHolder:

@@ -82,7 +82,7 @@ def main() -> None:
     print(f"prepared {args.slots} slots in {time.perf_counter() - start:.1f} s", flush=True)
     pipe.transformer.compile_repeated_blocks(fullgraph=True)
     model = LoadedModel(pipe, torch.device("cuda"), torch.bfloat16, "fp8" if args.fp8 else "bf16", True, "none", compiled=True,
-                        lora_slots=slots, lora_rank=settings.max_lora_rank)  # fmt: skip
+                        lora_slots=slots, lora_slot_count=len(slots), lora_rank=settings.max_lora_rank)  # fmt: skip
     image = input_png(1024, 0)
     plan = [("base, waiting for the start-up warm-up", []), ("base", []), ("base", []),
             ("first LoRA: download, convert, swap", [0]), ("same LoRA", [0]), ("same LoRA", [0]),

@@ -333,7 +333,8 @@ def test_slots_refuse_a_higher_rank_and_layers_outside_the_blocks(tiny_env, sett
     from model_loader import load_model
 
     model = load_model(Settings.from_env(tiny_env()))
-    model.lora_slots, model.lora_rank = prepare_slots(model.pipe, 1, 2), 2  # as a compiled worker, without compiling
+    # As a compiled worker's, without compiling:
+    model.lora_slots, model.lora_slot_count, model.lora_rank = prepare_slots(model.pipe, 1, 2), 1, 2
 
     class Loaded:
         def get(self):
@@ -375,7 +376,7 @@ def test_loras_from_the_environment_apply_to_jobs_that_send_none(tiny_env, holde
         schema.default_loras(Settings.from_env(tiny_env(LORAS='[{"path": "owner/name", "scale": 9}]')))
 
 
-def test_the_first_job_does_not_wait_for_the_lora_slots_to_compile(tiny_env, tmp_path, monkeypatch, caplog):
+def test_the_first_job_waits_neither_for_the_lora_slots_nor_their_graphs(tiny_env, tmp_path, monkeypatch, caplog):
     import logging
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
@@ -407,6 +408,49 @@ def test_the_first_job_does_not_wait_for_the_lora_slots_to_compile(tiny_env, tmp
     before = [r.getMessage() for r in caplog.records[:answered]]
     after = [r.getMessage() for r in caplog.records[answered:]]
     assert any("warm-up edit took" in m for m in before)  # the base shape: compiled before the first job
-    assert not any("LoRA slots on" in m for m in before)
-    assert sum("LoRA slots on" in m for m in after) == 2  # then 1 and 2 active slots, while idle
+    assert not any("LoRA slots on" in m or "LoRA slots of rank" in m for m in before)
+    assert sum("LoRA slots of rank 8 prepared" in m for m in after) == 1  # then, while idle, the slots
+    assert sum("LoRA slots on" in m for m in after) == 2  # and their graphs for 1 and 2 active slots
     assert any("cold start: LoRA slots and batch sizes compiled" in m for m in after)
+
+
+def test_a_lora_job_before_the_idle_warm_ups_prepares_the_slots_itself(tiny_env, tmp_path, server, holder, settings,
+                                                                       monkeypatch, caplog):  # fmt: skip
+    """The slots are prepared after the start-up warm-up; a LoRA job that comes first (queued
+    during the warm-up, so that no idle moment comes between) prepares them, once, and gets
+    the LoRA's pixels."""
+    import logging
+
+    from engine import EditEngine
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled = dataclasses.replace(Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="2", MAX_LORA_RANK="8",
+                                                              ALLOW_PRIVATE_IMAGE_URLS="true")), model_dir=str(tmp_path))  # fmt: skip
+    server.serve_bytes("/a.safetensors", written(low_rank(holder.get().pipe, seed=33), "kohya"))
+    lora = [{"path": server.url("/a.safetensors"), "scale": 2.0}]
+    services, warm_up = [], EditEngine.warm_up
+
+    def warm_up_once_a_job_waits(engine):
+        deadline = time.monotonic() + 60
+        while not (services and services[0].batcher.queued) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        warm_up(engine)
+
+    monkeypatch.setattr(EditEngine, "warm_up", warm_up_once_a_job_waits)
+    service = EditService(compiled)
+    services.append(service)
+    with caplog.at_level(logging.INFO, logger="qwen_edit_worker"):
+        try:
+            hot = run(compiled, None, job(lora, seed=44), service=service)[0]
+            answered = len(caplog.records)
+            deadline = time.monotonic() + 120
+            while service.engine.warming_up and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            service.close()
+    messages = [r.getMessage() for r in caplog.records]
+    prepared = [n for n, m in enumerate(messages) if "LoRA slots of rank 8 prepared" in m]
+    assert len(prepared) == 1 and prepared[0] < answered  # by the job, and not again while idle
+    eager = run(settings, holder, job(lora, seed=44))[0]
+    assert np.abs(pixels(hot) - pixels(eager)).max() <= 2  # compiled float32: within 2/255
+    assert not np.array_equal(pixels(hot), pixels(run(settings, holder, job(seed=44))[0]))  # the LoRA did apply
