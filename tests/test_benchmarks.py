@@ -117,3 +117,10 @@ def test_import_contention_smoke_run_times_the_imports_beside_each_reader(tmp_pa
     results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"trial"')]
     assert [result["trial"] for result in results] == ["paced", "weights-128"], run.stdout
     assert all(result["imports"] > 0 and result["read"] > 0 for result in results), run.stdout
+
+
+def test_slot_prep_smoke_run_times_each_slot_and_profiles():
+    run = run_script("slot_prep.py", "--tiny", "--slots", "2", "--rank", "4", "--profile", timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "slot0: " in run.stdout and "slot1: " in run.stdout
+    assert "prepare_slots under cProfile" in run.stdout and "inject_adapter" in run.stdout
