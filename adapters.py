@@ -61,7 +61,7 @@ SLOT_PREFIX = "slot"
 
 def ready_slots(model) -> None:
     """Prepare a compiled model's LoRA slots if it has none yet. `model_loader` leaves them
-    until after the start-up warm-up (6-8 s of peft's Python on the real transformer, which the
+    until after the start-up warm-up (6-9 s of peft's Python on the real transformer, which the
     first result need not wait for): they are prepared at the first idle moment or for the
     first batch with LoRAs, whichever comes first. The blocks then compile once more, for the
     layers the slots wrap (the computation is the same, so inductor's cache has its kernels)."""
@@ -71,7 +71,8 @@ def ready_slots(model) -> None:
 
 
 def prepare_slots(pipe, count: int, rank: int) -> tuple[str, ...]:
-    """Before compiling: `count` hot-swappable adapter slots holding a blank LoRA, disabled."""
+    """`count` hot-swappable adapter slots holding a blank LoRA, disabled. Before or after
+    `compile_repeated_blocks`: it compiles each block lazily, on its next forward."""
     pipe.enable_lora_hotswap(target_rank=rank)
     names = tuple(f"{SLOT_PREFIX}{i}" for i in range(count))
     # At the full rank: diffusers pads only the first adapter loaded after enable_lora_hotswap,

@@ -396,7 +396,7 @@ def _shaped(settings: Settings, pipe, ranks: Ranks | None, compiled: bool, resto
     if _slot_count(settings, compiled) and ranks is not None:
         # Context mode prepares them now, on every rank alike. One GPU or replicas prepare
         # them after the first warm-up (`adapters.ready_slots`): the first result does not
-        # wait for 6-8 s of peft's Python, and the blocks compile once more for them then.
+        # wait for 6-9 s of peft's Python, and the blocks compile once more for them then.
         with timed(log, "preparing LoRA slots"):
             slots = prepare_slots(pipe, settings.max_loras, settings.max_lora_rank)
     if restoring is not None:
