@@ -376,37 +376,44 @@ def test_loras_from_the_environment_apply_to_jobs_that_send_none(tiny_env, holde
         schema.default_loras(Settings.from_env(tiny_env(LORAS='[{"path": "owner/name", "scale": 9}]')))
 
 
-def test_the_first_job_waits_neither_for_the_lora_slots_nor_their_graphs(tiny_env, tmp_path, monkeypatch, caplog):
+def first_job_during_the_warm_up(settings: Settings, request: dict, monkeypatch, caplog) -> tuple[dict, list[str], int]:
+    """`request` sent to a new service whose start-up warm-up waits until the job is queued
+    (however fast the warm-up, no idle moment comes before the job), then the idle warm-ups
+    left to run. The answer, the worker's log messages, and how many came before the answer."""
     import logging
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     from engine import EditEngine
 
-    compiled = dataclasses.replace(Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="2", MAX_LORA_RANK="8")),
-                                   model_dir=str(tmp_path))  # fmt: skip
     services, warm_up = [], EditEngine.warm_up
 
-    def warm_up_once_a_job_waits(engine):  # however fast the warm-up, the job is queued behind it
+    def warm_up_once_a_job_waits(engine):
         deadline = time.monotonic() + 60
         while not (services and services[0].batcher.queued) and time.monotonic() < deadline:
             time.sleep(0.02)
         warm_up(engine)
 
     monkeypatch.setattr(EditEngine, "warm_up", warm_up_once_a_job_waits)
-    service = EditService(compiled)
+    service = EditService(settings)
     services.append(service)
     with caplog.at_level(logging.INFO, logger="qwen_edit_worker"):
         try:
-            answer = run(compiled, None, job(seed=41), service=service)[0]
+            answer = run(settings, None, request, service=service)[0]
             answered = len(caplog.records)
             deadline = time.monotonic() + 120
             while service.engine.warming_up and time.monotonic() < deadline:
                 time.sleep(0.1)
         finally:
             service.close()  # lets the idle step that is running finish, and log, first
+    return answer, [r.getMessage() for r in caplog.records], answered
+
+
+def test_the_first_job_waits_neither_for_the_lora_slots_nor_their_graphs(tiny_env, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled = dataclasses.replace(Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="2", MAX_LORA_RANK="8")),
+                                   model_dir=str(tmp_path))  # fmt: skip
+    answer, messages, answered = first_job_during_the_warm_up(compiled, job(seed=41), monkeypatch, caplog)
     assert "output_image_base64" in answer
-    before = [r.getMessage() for r in caplog.records[:answered]]
-    after = [r.getMessage() for r in caplog.records[answered:]]
+    before, after = messages[:answered], messages[answered:]
     assert any("warm-up edit took" in m for m in before)  # the base shape: compiled before the first job
     assert not any("LoRA slots on" in m or "LoRA slots of rank" in m for m in before)
     assert sum("LoRA slots of rank 8 prepared" in m for m in after) == 1  # then, while idle, the slots
@@ -419,36 +426,12 @@ def test_a_lora_job_before_the_idle_warm_ups_prepares_the_slots_itself(tiny_env,
     """The slots are prepared after the start-up warm-up; a LoRA job that comes first (queued
     during the warm-up, so that no idle moment comes between) prepares them, once, and gets
     the LoRA's pixels."""
-    import logging
-
-    from engine import EditEngine
-
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     compiled = dataclasses.replace(Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="2", MAX_LORA_RANK="8",
                                                               ALLOW_PRIVATE_IMAGE_URLS="true")), model_dir=str(tmp_path))  # fmt: skip
     server.serve_bytes("/a.safetensors", written(low_rank(holder.get().pipe, seed=33), "kohya"))
     lora = [{"path": server.url("/a.safetensors"), "scale": 2.0}]
-    services, warm_up = [], EditEngine.warm_up
-
-    def warm_up_once_a_job_waits(engine):
-        deadline = time.monotonic() + 60
-        while not (services and services[0].batcher.queued) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        warm_up(engine)
-
-    monkeypatch.setattr(EditEngine, "warm_up", warm_up_once_a_job_waits)
-    service = EditService(compiled)
-    services.append(service)
-    with caplog.at_level(logging.INFO, logger="qwen_edit_worker"):
-        try:
-            hot = run(compiled, None, job(lora, seed=44), service=service)[0]
-            answered = len(caplog.records)
-            deadline = time.monotonic() + 120
-            while service.engine.warming_up and time.monotonic() < deadline:
-                time.sleep(0.1)
-        finally:
-            service.close()
-    messages = [r.getMessage() for r in caplog.records]
+    hot, messages, answered = first_job_during_the_warm_up(compiled, job(lora, seed=44), monkeypatch, caplog)
     prepared = [n for n, m in enumerate(messages) if "LoRA slots of rank 8 prepared" in m]
     assert len(prepared) == 1 and prepared[0] < answered  # by the job, and not again while idle
     eager = run(settings, holder, job(lora, seed=44))[0]
