@@ -27,6 +27,10 @@ importing interpreter's lock, and that is all that paced it. Where the weights a
 file system (a RunPod network volume is MooseFS, mounted through FUSE), the imports do not read
 from the same disk and the pauses would cost read time for nothing: there the reader does not
 pause (`duty_for`; not measured).
+
+In the worker's image the pauses are not needed either: the image lists the files its start-up
+imports (`import_set.py`, about 4 GB), and the reader reads those first, `FIRST_READERS` at a time,
+then the weights without pauses. The imports then find their files in memory.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import sys
 import sysconfig
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -48,12 +53,14 @@ log = logging.getLogger("qwen_edit_worker.prefetch")
 CHUNK = 16 << 20  # the disk's fastest reads (1.5-1.9 GB/s on the H200s' disks)
 DUTY = 0.5  # the share of the disk's time the reader takes while the worker imports
 HEADROOM = 1.2  # the files must fit in available memory this many times over
+FIRST_READERS = 16  # the import set's small files read at once: a disk serves many reads together
 GO = b"go\n"  # the worker to the reader: the imports are done, read without pauses
 # File systems whose reads do not queue on a local disk: FUSE ones included (MooseFS, RunPod's
 # network volumes, mounts as fuse.mfs), unless the libraries are on the same one.
 NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "9p", "fuse")
 
 LOAD_ORDER = ("transformer", "vae", "lightning", "text_encoder")
+IMPORT_SET = Path(__file__).with_name("import_set.txt")  # written by `import_set` when the image is built
 
 _reader: subprocess.Popen | None = None
 
@@ -69,6 +76,16 @@ def weight_files(model_path: str, lightning: str | None = None) -> list[Path]:
         return LOAD_ORDER.index(part) if part in LOAD_ORDER else len(LOAD_ORDER)
 
     return sorted(files, key=rank)  # stable: a component's shards stay in order
+
+
+def listed_files(manifest: Path | str) -> list[str]:
+    """The files named in `manifest`, one per line, that exist (none without it: the worker
+    runs outside its image)."""
+    try:
+        lines = Path(manifest).read_text().splitlines()
+    except OSError:
+        return []
+    return [line for line in lines if line and os.path.isfile(line)]
 
 
 def available_memory() -> int:
@@ -130,6 +147,20 @@ def read_all(files: list[Path], chunk: int = CHUNK) -> int:
     return sum(_reads(files, chunk))
 
 
+def read_first(files: list[str]) -> int:
+    """Read every byte of `files` (the import set), `FIRST_READERS` files at a time; files
+    that cannot be read are skipped. The bytes read."""
+
+    def read_one(file: str) -> int:
+        try:
+            return read_all([Path(file)], 1 << 20)
+        except OSError:
+            return 0
+
+    with ThreadPoolExecutor(FIRST_READERS) as pool:
+        return sum(pool.map(read_one, files))
+
+
 def read_paced(files: list[Path | str], control: int, duty: float = DUTY,
                clock: Callable[[], float] = time.perf_counter) -> int:  # fmt: skip
     """The reader's loop: read `files` in `CHUNK`s, after each read waiting on the `control`
@@ -147,38 +178,48 @@ def read_paced(files: list[Path | str], control: int, duty: float = DUTY,
     return total
 
 
-def start(model_path: str | None, lightning: str | None = None, memory: int | None = None) -> threading.Thread | None:
-    """Start reading `model_path`'s weights (and the `lightning` file) in a process of its own,
-    paced until `imports_done`; the daemon thread that waits for it and logs what it read, or
-    None when there is nothing to read or not enough memory to keep it."""
+def start(model_path: str | None, lightning: str | None = None, memory: int | None = None,
+          manifest: Path = IMPORT_SET) -> threading.Thread | None:  # fmt: skip
+    """Start reading `model_path`'s weights (and the `lightning` file) in a process of its own:
+    first the import set listed in `manifest`, if any, then the weights without pauses, or
+    without that list paced until `imports_done`. The daemon thread that waits for it and logs
+    what it read, or None when there is nothing to read or not enough memory to keep it."""
     global _reader
     if model_path is None:
         return None
     files = weight_files(model_path, lightning)
-    size = sum(file.stat().st_size for file in files)
+    first = listed_files(manifest) if files else []
+    size = sum(file.stat().st_size for file in files) + sum(os.path.getsize(file) for file in first)
     memory = available_memory() if memory is None else memory
     if not files or size * HEADROOM > memory:
         if files:
             log.info("weights not prefetched: %.1f GB would not stay cached in %.1f GB of free memory", size / 1e9, memory / 1e9)
         return None
-    began, duty = time.perf_counter(), duty_for(files[0])
-    log.info("weights prefetch: %.1f GB, %s", size / 1e9,
-             "paced while the worker imports" if duty < 1 else "without pauses (a network file system)")  # fmt: skip
+    began, duty = time.perf_counter(), 1.0 if first else duty_for(files[0])
+    how = ("paced while the worker imports" if duty < 1 else "without pauses (a network file system)") if not first else \
+        f"the start-up's {len(first)} files (import_set.txt) first, then the weights without pauses"
+    log.info("weights prefetch: %.1f GB, %s", size / 1e9, how)
     try:  # -I -S: the reader needs the standard library only, not site-packages' start-up
-        reader = subprocess.Popen([sys.executable, "-I", "-S", __file__, str(duty), *map(str, files)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE)  # fmt: skip
+        reader = subprocess.Popen([sys.executable, "-I", "-S", __file__, str(duty), str(manifest if first else ""),
+                                   *map(str, files)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
     except OSError as error:  # best effort: the loader reads the weights anyway
         log.info("weights not prefetched: the reader could not start (%s)", error)
         return None
     _reader = reader
 
     def wait():
-        output = reader.stdout.read()
-        if reader.wait() != 0 or not output.strip().isdigit():  # best effort: the loader reads them anyway
-            log.info("weights prefetch stopped (the reader's exit status %s)", reader.returncode)
-            return
-        total, seconds = int(output), time.perf_counter() - began
-        log.info("weights prefetched into memory: %.1f GB in %.1f s (%.2f GB/s)", total / 1e9, seconds, total / 1e9 / seconds)
+        for line in reader.stdout:
+            kind, _, value = line.decode(errors="replace").strip().partition(" ")
+            if kind == "first" and value.isdigit():
+                seconds = time.perf_counter() - began
+                log.info("import set read into memory: %.2f GB in %.1f s", int(value) / 1e9, seconds)
+            elif kind == "total" and value.isdigit() and reader.wait() == 0:
+                total, seconds = int(value), time.perf_counter() - began
+                log.info("weights prefetched into memory: %.1f GB in %.1f s (%.2f GB/s)", total / 1e9, seconds,
+                         total / 1e9 / seconds)  # fmt: skip
+                return
+        # best effort: the loader reads them anyway
+        log.info("weights prefetch stopped (the reader's exit status %s)", reader.wait())
 
     thread = threading.Thread(target=wait, name="weights-prefetch", daemon=True)
     thread.start()
@@ -196,8 +237,10 @@ def imports_done() -> None:
         pass
 
 
-if __name__ == "__main__":  # the reader: python prefetch.py DUTY FILE..., told by its stdin
+if __name__ == "__main__":  # the reader: python prefetch.py DUTY MANIFEST|"" FILE..., told by its stdin
     try:
-        print(read_paced(sys.argv[2:], sys.stdin.fileno(), float(sys.argv[1])), flush=True)
+        if sys.argv[2]:
+            print("first", read_first(listed_files(sys.argv[2])), flush=True)
+        print("total", read_paced(sys.argv[3:], sys.stdin.fileno(), float(sys.argv[1])), flush=True)
     except OSError as error:
         sys.exit(f"weights prefetch: {error}")

@@ -7,7 +7,8 @@ Once per --dir: builds the real-size pipeline with random weights (`gpu_speed.bu
 saves it with `save_pretrained` (what a downloaded model is on disk), and writes a rank-64
 Lightning-format LoRA over the transformer's 720 linear layers into MODEL_DIR in
 huggingface_hub's cache layout, where the worker finds a downloaded Lightning file.
-Then it drops the page cache for those files and reads them raw (the floor: no start can
+It lists the start-up's files as the image's build does (`import_set.py`; --no-import-set
+removes the list instead, as outside the image). Then it drops the page cache and reads the weights raw (the floor: no start can
 load the weights faster than the disk gives them), and for each run PRECISION/CACHE/MAX_LORAS
 (cache `empty`: MODEL_DIR's inductor cache removed; `warm`: as the previous run left it; a
 further fields: `stand-in` sets COMPILE_WHILE_LOADING=true, `parallel` diffusers'
@@ -15,7 +16,8 @@ HF_ENABLE_PARALLEL_LOADING=yes, which reads a model's shards on several threads)
 the page cache again and starts a fresh process that does what a worker does: imports, builds
 `EditService` (which loads the model, fuses Lightning, compiles and warms up), then answers
 one 1024² Lightning-8 edit. The child prints the worker's own start-up log lines with the
-seconds since its process started, and the time to the first result. The last lines are a
+seconds since its process started, the time to the first result, and the files it imported or
+mapped that the list does not name. The last lines are a
 markdown table. With --importtime each child runs under `python -X importtime` and the
 slowest imports (cumulative, by top-level package) are printed with its result.
 """
@@ -131,8 +133,28 @@ def child() -> None:
     answer = asyncio.run(service.handle(job))
     first = startup_clock.seconds_since_start()
     print("RESULT " + json.dumps({"first_result_s": round(first, 1), "error": answer.get("error"),
-                                  "job_timings_ms": answer.get("timings_ms"), "stages": records}), flush=True)  # fmt: skip
+                                  "job_timings_ms": answer.get("timings_ms"), "stages": records,
+                                  "outside_import_set": outside_import_set()}), flush=True)  # fmt: skip
     os._exit(0)
+
+
+def outside_import_set() -> dict | None:
+    """The files this start-up imported or mapped that the image's list (`import_set.py`) does
+    not name: what the prefetch did not read ahead. None without a list."""
+    import import_set
+
+    listed = set(prefetch.listed_files(prefetch.IMPORT_SET))
+    if not listed:
+        return None
+    files = {f for f in [*import_set.mapped_files(), *import_set.module_files()] if os.path.isfile(f)} - listed
+    return {"files": len(files), "MB": round(sum(os.path.getsize(f) for f in files) / 1e6, 1),
+            "largest": sorted(files, key=os.path.getsize)[-5:]}  # fmt: skip
+
+
+def record_import_set() -> None:
+    """List the start-up's files as the image's build does (`python import_set.py`)."""
+    done = subprocess.run([sys.executable, str(ROOT / "import_set.py")], capture_output=True, text=True, timeout=300)
+    print(done.stdout.strip() or f"import set not recorded: {done.stderr[-500:]}", flush=True)
 
 
 def slowest_imports(importtime_log: str, top: int = 12) -> list[tuple[str, float]]:
@@ -157,6 +179,8 @@ def main() -> None:
     parser.add_argument("--gpu-parallelism", default="single",
                         help="GPU_PARALLELISM of the started workers (auto on several GPUs starts replicas)")
     parser.add_argument("--importtime", action="store_true", help="report each start's slowest imports")
+    parser.add_argument("--no-import-set", action="store_true",
+                        help="start without the image's list of the start-up's files (the prefetch then paces its reads)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -164,6 +188,10 @@ def main() -> None:
         return
     folder = Path(args.dir)
     prepare(folder)
+    if args.no_import_set:
+        prefetch.IMPORT_SET.unlink(missing_ok=True)
+    else:
+        record_import_set()
     files = weight_files(folder)
     size = sum(file.stat().st_size for file in files) / 1e9
     how = drop_page_cache(files)

@@ -84,15 +84,53 @@ def test_the_reader_stops_once_the_worker_is_gone(tmp_path):
 
     weights = tmp_path / "weights.safetensors"
     weights.write_bytes(bytes(prefetch.CHUNK * 3))
-    command = [sys.executable, "-I", "-S", prefetch.__file__, str(prefetch.DUTY), str(weights)]
+    command = [sys.executable, "-I", "-S", prefetch.__file__, str(prefetch.DUTY), "", str(weights)]
     alive = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     alive.stdin.write(prefetch.GO)
     alive.stdin.flush()
-    assert alive.stdout.read().strip() == str(prefetch.CHUNK * 3).encode()
+    assert alive.stdout.read().strip() == f"total {prefetch.CHUNK * 3}".encode()
     alive.stdin.close()
     assert alive.wait(timeout=60) == 0
     gone = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)  # a closed pipe
-    assert gone.returncode == 0 and gone.stdout.strip() == str(prefetch.CHUNK).encode()  # one read, then it stopped
+    assert gone.returncode == 0 and gone.stdout.strip() == f"total {prefetch.CHUNK}".encode()  # one read, then it stopped
+
+
+def test_the_import_set_is_read_first_and_then_the_weights_without_pauses(tiny_settings, tmp_path, monkeypatch, caplog):
+    """With the image's list of the start-up's files, the reader reads those (a missing one
+    skipped) and then the weights, without waiting for the imports to end."""
+    import subprocess
+    import sys
+
+    listed = [tmp_path / "libfirst.so", tmp_path / "module.cpython-311.pyc"]
+    listed[0].write_bytes(bytes(3 << 20))
+    listed[1].write_bytes(bytes(12345))
+    manifest = tmp_path / "import_set.txt"
+    manifest.write_text("".join(f"{file}\n" for file in [listed[0], tmp_path / "gone.so", listed[1]]))
+    assert prefetch.listed_files(manifest) == [str(file) for file in listed]
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(bytes(prefetch.CHUNK * 3))
+    # Never told that the imports are done: paced reads would wait out a pause after each.
+    command = [sys.executable, "-I", "-S", prefetch.__file__, "1.0", str(manifest), str(weights)]
+    reader = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # its worker alive, never saying GO
+    assert reader.stdout.read().decode().split("\n")[:2] == [f"first {(3 << 20) + 12345}", f"total {prefetch.CHUNK * 3}"]
+    reader.stdin.close()
+    assert reader.wait(timeout=60) == 0
+
+    path = str(ensure_tiny_model(tiny_settings.model_dir) / "pipeline")
+    size = sum(file.stat().st_size for file in prefetch.weight_files(path))
+    started, popen = [], subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda command, **kwargs: started.append(command) or popen(command, **kwargs))
+    with caplog.at_level(logging.INFO, logger="qwen_edit_worker.prefetch"):
+        thread = prefetch.start(path, memory=(size + (3 << 20)) * 2, manifest=manifest)  # imports_done never called
+        thread.join(timeout=60)
+        prefetch.start(path, memory=size * 2, manifest=tmp_path / "absent.txt").join(timeout=60)  # outside the image
+    assert [command[4:6] for command in started] == [["1.0", str(manifest)], [str(prefetch.DUTY), ""]]
+    assert "the start-up's 2 files (import_set.txt) first, then the weights without pauses" in caplog.text
+    assert "import set read into memory: 0.00 GB" in caplog.text
+    assert f"weights prefetched into memory: {size / 1e9:.1f} GB" in caplog.text
+    # The list's files count against the memory that must keep everything cached.
+    assert prefetch.start(path, memory=int(size * prefetch.HEADROOM) + 1, manifest=tmp_path / "absent.txt") is not None
+    assert prefetch.start(path, memory=int(size * prefetch.HEADROOM) + 1, manifest=manifest) is None
 
 
 def test_nothing_is_read_without_the_memory_to_keep_it_or_a_model_on_disk(tiny_settings, tmp_path):

@@ -36,6 +36,8 @@ def test_dockerfile_installs_requirements_and_runs_the_handler():
     assert re.search(r"^COPY requirements\.txt", text, re.M) and "pip install -r requirements.txt" in text
     assert re.search(r'^CMD \["python", "-u", "handler.py"\]$', text, re.M)
     assert re.search(r"^COPY \*\.py test_input\.json \./$", text, re.M)  # every module ships
+    # The start-up's files are listed once the code is in place (the listing imports it).
+    assert re.search(r"^RUN python import_set\.py$", text, re.M) and text.index("import_set.py") > text.index("COPY *.py")
     assert "tests" in (ROOT / ".dockerignore").read_text().split()
     # triton (torch.compile on a GPU) compiles a C launcher at run time; --no-install-recommends
     # leaves out libc6-dev unless it is named.
