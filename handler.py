@@ -54,6 +54,9 @@ if __name__ == "__main__":
     # The weights start coming into memory now, while the heavy imports below (runpod, torch,
     # transformers, diffusers: 20-40 s on a cold disk) run.
     prefetch.start(model_files.local_model_path(SETTINGS), model_files.local_lora_path(SETTINGS))
+    import compilation  # torch
+
+    compilation.start_workers(SETTINGS)  # torch's compile workers start beside the imports still to come
 
 import runpod  # noqa: E402 - after the prefetch started
 from runpod.serverless.modules.worker_state import IS_LOCAL_TEST  # noqa: E402

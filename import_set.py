@@ -7,7 +7,9 @@ weights, each of those small reads queues behind the weights' large ones: the im
 `python import_set.py` (a step of the Dockerfile) imports what a start-up imports and
 writes the files it read into `prefetch.IMPORT_SET`, beside the code. The prefetch reads those files
 first, many at a time, in a few seconds, and the weights after them without pauses: the
-imports then find their files in memory (`prefetch`).
+imports then find their files in memory (`prefetch`). On an H200 machine: 5,358 files,
+3.95 GB, read in 4-5 s; the weights were in memory 10-16 s sooner. The imports themselves
+did not get faster: once their files are in memory they are bound by the CPU.
 
 Libraries that are only opened on a GPU (cuDNN, NVRTC, the driver) are not in the list: the
 image is built without one.

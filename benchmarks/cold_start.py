@@ -122,6 +122,9 @@ def child() -> None:
     records.append((round(startup_clock.seconds_since_start(), 1), "prefetch started"))
     import asyncio
 
+    import compilation
+
+    compilation.start_workers(settings)
     from gpu_speed import input_png
     from service import EditService
 

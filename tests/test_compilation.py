@@ -284,3 +284,40 @@ def test_compiling_while_loading_leaves_the_real_transformer_no_graph_to_compile
     compiled_on.clear()
     start(stand_in=False)
     assert compiled_on[real_layers] > 0  # the control: the same warm-ups compile on the real blocks
+
+
+START_WORKERS = """
+import os, runpy, sys
+import compilation
+from config import compile_cache_dir
+
+def spy(settings):
+    started(settings)
+    from torch._inductor.async_compile import _pool_set
+    exported = os.environ.get("TORCHINDUCTOR_CACHE_DIR") == compile_cache_dir(settings)
+    print("WORKERS", len(_pool_set), "cache exported" if exported else "cache not exported",
+          "after diffusers" if "diffusers" in sys.modules else "before diffusers", flush=True)
+    os._exit(0)
+
+started, compilation.start_workers = compilation.start_workers, spy
+sys.argv = ["handler.py"]
+runpy.run_path("handler.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("setting, pools", [({"COMPILE_TRANSFORMER": "true"}, 1), ({"COMPILE_TRANSFORMER": "false"}, 0),
+                                             ({}, 0), ({"COMPILE_TRANSFORMER": "true", "PRECISION_MODE": "4bit"}, 0)])  # fmt: skip
+def test_the_compile_workers_start_while_the_worker_still_imports_if_it_will_compile(tiny_env, setting, pools):
+    """torch starts its compile workers at the first compile, where they took the CPU from
+    the Lightning load on a GPU machine; the worker starts them once torch is imported, before
+    diffusers, and only where the transformer is compiled (on a CPU only when asked; never
+    with bitsandbytes). They keep the environment they start with: the compile cache's."""
+    import subprocess
+    import sys
+
+    from tests.test_handler import ROOT
+
+    env = {**worker_env(tiny_env, **setting), "TORCHINDUCTOR_COMPILE_THREADS": "2"}  # a pool even on a 1-core machine
+    done = subprocess.run([sys.executable, "-c", START_WORKERS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert f"WORKERS {pools} cache exported before diffusers" in done.stdout or (
+        not pools and f"WORKERS 0 cache not exported before diffusers" in done.stdout), done.stdout + done.stderr[-2000:]  # fmt: skip
