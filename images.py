@@ -18,6 +18,10 @@ from config import Settings
 from schema import InputError
 
 OUTPUT_MIME = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# zlib level 4 (ComfyUI's too), not Pillow's 6: a 1024² photograph took 121 ms instead of 263
+# on a 2-core CPU for 1% more bytes. The encode is on every job's critical path; levels 1-3
+# cost 8-11% more bytes.
+PNG_COMPRESS_LEVEL = 4
 # What people send; Pillow tries only these parsers (AVIF where this Pillow build has it).
 INPUT_FORMATS = tuple(f for f in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF") if f in Image.registered_extensions().values())
 # The text encoder's image processor refuses ratios past 1:200, after the pipeline's own
@@ -136,7 +140,7 @@ def decode_image(data: bytes, n: int, settings: Settings) -> Image.Image:
 def encode_image(pixels: np.ndarray, output_format: str, quality: int) -> bytes:
     image = VaeImageProcessor.numpy_to_pil(pixels[None])[0]
     buffer = io.BytesIO()
-    options = {"quality": quality} if output_format in ("jpeg", "webp") else {}
+    options = {"quality": quality} if output_format in ("jpeg", "webp") else {"compress_level": PNG_COMPRESS_LEVEL}
     image.save(buffer, format=OUTPUT_MIME[output_format], **options)
     return buffer.getvalue()
 

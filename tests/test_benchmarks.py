@@ -124,3 +124,9 @@ def test_slot_prep_smoke_run_times_each_slot_and_profiles():
     assert run.returncode == 0, run.stderr[-2000:]
     assert "slot0: " in run.stdout and "slot1: " in run.stdout
     assert "prepare_slots under cProfile" in run.stdout and "inject_adapter" in run.stdout
+
+
+def test_png_levels_prints_each_zlib_level_and_marks_the_workers():
+    run = run_script("png_levels.py", str(ROOT / "assets" / "sample.png"), "--side", "64", "--repeat", "1", timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| 4 (the worker's) |" in run.stdout and "| 6 (Pillow's default) |" in run.stdout
