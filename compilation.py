@@ -34,10 +34,11 @@ def should_compile(settings: Settings, device: torch.device, bnb_quantized: bool
 
 
 def start_workers(settings: Settings) -> None:
-    """Start inductor's compile workers now, if the transformer will be compiled. torch starts them at the first compile, and each of its 16-32 worker processes
-    imports torch: on a 16-core H200 machine with a kept compile cache, that stole the CPU from
-    the Lightning load that follows the first compile (7.4 s instead of 2.1). Called once torch
-    is imported, while the worker still imports the rest on one core, they start beside it."""
+    """Start inductor's compile workers now, if the transformer will be compiled. torch starts
+    them at the first compile, a process per CPU core, each importing torch: on a 16-core H200
+    machine with a kept compile cache, that took the CPU from the Lightning load that follows
+    the first compile (7.0-7.8 s instead of 1.5-2.1). Called once torch is imported, while the
+    worker still imports the rest on one core, they start beside it."""
     if settings.compile_transformer is False or settings.uses_bitsandbytes:
         return
     if settings.compile_transformer is None and not torch.cuda.is_available():

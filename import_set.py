@@ -5,9 +5,9 @@ A cold worker imports about 4,600 Python modules and maps about 4 GB of shared l
 weights, each of those small reads queues behind the weights' large ones: the imports took
 30-36 s instead of 24 s alone, and the prefetch had to pause half of the time for them.
 `python import_set.py` (a step of the Dockerfile) imports what a start-up imports and
-writes the files it read into `prefetch.IMPORT_SET`, beside the code. The prefetch reads those files
-first, many at a time, in a few seconds, and the weights after them without pauses: the
-imports then find their files in memory (`prefetch`). On an H200 machine: 5,358 files,
+writes the files it read into `prefetch.IMPORT_SET`, beside the code. The prefetch reads
+those files first, many at a time, and the weights after them without pauses: the imports
+then find their files in memory (`prefetch`). On an H200 machine: 5,358 files,
 3.95 GB, read in 4-5 s; the weights were in memory 10-16 s sooner. The imports themselves
 did not get faster: once their files are in memory they are bound by the CPU.
 

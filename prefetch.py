@@ -196,8 +196,10 @@ def start(model_path: str | None, lightning: str | None = None, memory: int | No
             log.info("weights not prefetched: %.1f GB would not stay cached in %.1f GB of free memory", size / 1e9, memory / 1e9)
         return None
     began, duty = time.perf_counter(), 1.0 if first else duty_for(files[0])
-    how = ("paced while the worker imports" if duty < 1 else "without pauses (a network file system)") if not first else \
-        f"the start-up's {len(first)} files (import_set.txt) first, then the weights without pauses"
+    if first:
+        how = f"the start-up's {len(first)} files (import_set.txt) first, then the weights without pauses"
+    else:
+        how = "paced while the worker imports" if duty < 1 else "without pauses (a network file system)"
     log.info("weights prefetch: %.1f GB, %s", size / 1e9, how)
     try:  # -I -S: the reader needs the standard library only, not site-packages' start-up
         reader = subprocess.Popen([sys.executable, "-I", "-S", __file__, str(duty), str(manifest if first else ""),

@@ -8,17 +8,17 @@ saves it with `save_pretrained` (what a downloaded model is on disk), and writes
 Lightning-format LoRA over the transformer's 720 linear layers into MODEL_DIR in
 huggingface_hub's cache layout, where the worker finds a downloaded Lightning file.
 It lists the start-up's files as the image's build does (`import_set.py`; --no-import-set
-removes the list instead, as outside the image). Then it drops the page cache and reads the weights raw (the floor: no start can
-load the weights faster than the disk gives them), and for each run PRECISION/CACHE/MAX_LORAS
+removes the list instead, as outside the image). Then it drops the page cache and reads the
+weights raw (the floor: no start can load the weights faster than the disk gives them), and
+for each run PRECISION/CACHE/MAX_LORAS
 (cache `empty`: MODEL_DIR's inductor cache removed; `warm`: as the previous run left it; a
 further fields: `stand-in` sets COMPILE_WHILE_LOADING=true, `parallel` diffusers'
 HF_ENABLE_PARALLEL_LOADING=yes, which reads a model's shards on several threads) drops
 the page cache again and starts a fresh process that does what a worker does: imports, builds
 `EditService` (which loads the model, fuses Lightning, compiles and warms up), then answers
 one 1024² Lightning-8 edit. The child prints the worker's own start-up log lines with the
-seconds since its process started, the time to the first result, and the files it imported or
-mapped that the list does not name. The last lines are a
-markdown table. With --importtime each child runs under `python -X importtime` and the
+seconds since its process started, the time to the first result, and the files it imported
+or mapped that the list does not name. The last lines are a markdown table. With --importtime each child runs under `python -X importtime` and the
 slowest imports (cumulative, by top-level package) are printed with its result.
 """
 
