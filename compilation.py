@@ -39,9 +39,8 @@ def start_workers(settings: Settings) -> None:
     machine with a kept compile cache, that took the CPU from the Lightning load that follows
     the first compile (7.0-7.8 s instead of 1.5-2.1). Called once torch is imported, while the
     worker still imports the rest on one core, they start beside it."""
-    if settings.compile_transformer is False or settings.uses_bitsandbytes:
-        return
-    if settings.compile_transformer is None and not torch.cuda.is_available():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if settings.uses_bitsandbytes or not should_compile(settings, device, bnb_quantized=False, offload="none"):
         return
     export_library_settings(settings)  # the workers keep the environment they start with
     from torch._inductor.async_compile import maybe_warm_pool

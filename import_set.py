@@ -67,17 +67,23 @@ def mapped_files(maps: str | None = None) -> list[str]:
     return [path for path in paths if path.startswith("/") and not path.startswith(("/dev/", "/proc/", "/sys/"))]
 
 
+def files_read() -> list[str]:
+    """Every file this process has mapped or imported a module from, once each: the shared
+    libraries first (the imports' first need), then the modules' files."""
+    return list(dict.fromkeys(f for f in [*mapped_files(), *module_files()] if os.path.isfile(f)))
+
+
 def record(path: Path = IMPORT_SET, modules: tuple[str, ...] = STARTUP_MODULES) -> tuple[int, int, list[str]]:
-    """Import `modules` and write every file read for them into `path`, one per line, the
-    shared libraries first (the imports' first need); the count, their bytes, and the modules
-    that could not be imported (left out, as the worker would fail on them anyway)."""
+    """Import `modules` and write every file read for them (`files_read`) into `path`, one per
+    line; the count, their bytes, and the modules that could not be imported (left out, as the
+    worker would fail on them anyway)."""
     missing = []
     for name in modules:
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - a module this machine cannot import is only left out of the list
             missing.append(name)
-    files = list(dict.fromkeys(f for f in [*mapped_files(), *module_files()] if os.path.isfile(f)))
+    files = files_read()
     Path(path).write_text("".join(f"{file}\n" for file in files))
     return len(files), sum(os.path.getsize(file) for file in files), missing
 

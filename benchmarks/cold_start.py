@@ -149,7 +149,7 @@ def outside_import_set() -> dict | None:
     listed = set(prefetch.listed_files(prefetch.IMPORT_SET))
     if not listed:
         return None
-    files = {f for f in [*import_set.mapped_files(), *import_set.module_files()] if os.path.isfile(f)} - listed
+    files = set(import_set.files_read()) - listed
     return {"files": len(files), "MB": round(sum(os.path.getsize(f) for f in files) / 1e6, 1),
             "largest": sorted(files, key=os.path.getsize)[-5:]}  # fmt: skip
 
