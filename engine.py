@@ -293,7 +293,7 @@ class EditEngine:
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
-        encoded = [self._encode(pipe, request, plan, model.device) for request in requests]
+        encoded = [self._encode(pipe, request, plan, model.device, model.dtype) for request in requests]
         timings["encode"] = _ms_since(start, model.device)
 
         start = time.perf_counter()
@@ -341,14 +341,13 @@ class EditEngine:
                 )
         return embeds, negative
 
-    def _encode(self, pipe, request: EditRequest, plan: _Plan, device: torch.device) -> dict:
+    def _encode(self, pipe, request: EditRequest, plan: _Plan, device: torch.device, dtype: torch.dtype) -> dict:
         """Text embeddings, reference latents and noise for one request, as the stock pipeline makes them.
         `device` is the model's: the pipeline's `_execution_device` walks every module of every
-        component on each call (15 ms at real size, measured)."""
-        if request.prompts is not None:  # made ahead, maybe on another replica's GPU
-            embeds, negative = (t if t is None else t.to(device) for t in SideStream.take(request.prompts))
-        else:
-            embeds, negative = self._encode_prompts(pipe, request, device)
+        component on each call (15 ms at real size, measured). `dtype` is the embeddings' (every
+        component is loaded in it), which the latents take."""
+        if request.prompts is None:  # encoded here, first, in the stock pipeline's order (offload hooks follow it)
+            prompts = self._encode_prompts(pipe, request, device)
         vae_images = [pipe.image_processor.preprocess(image, ref_h, ref_w).unsqueeze(2)
                       for image, (ref_w, ref_h) in zip(request.images, plan.reference_sizes)]  # fmt: skip
 
@@ -358,11 +357,17 @@ class EditEngine:
             generator = torch.Generator("cpu").manual_seed(request.seed + k)
             # The references are VAE-encoded once, with image 0; images 1.. only draw noise.
             sample, encoded_references = pipe.prepare_latents(
-                vae_images if k == 0 else None, 1, channels, plan.height, plan.width, embeds.dtype, device, generator
+                vae_images if k == 0 else None, 1, channels, plan.height, plan.width, dtype, device, generator
             )
             noise.append(sample)
             if k == 0:
                 image_latents = encoded_references
+        if request.prompts is not None:
+            # Made ahead, maybe on another replica's GPU, and maybe still under way on the side
+            # stream: taken only now, so that the VAE's work above overlaps the text encoder's
+            # host-bound forward instead of following it.
+            prompts = SideStream.take(request.prompts)
+        embeds, negative = (t if t is None else t.to(device) for t in prompts)
         return {"embeds": embeds, "negative": negative, "noise": noise, "image_latents": image_latents}
 
     def _denoise(self, pipe, requests, encoded, plan: _Plan, device: torch.device) -> tuple[torch.Tensor, bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as stock_module
@@ -238,6 +239,38 @@ def test_prompts_encoded_ahead_give_the_same_pixels_off_the_gpu_thread(engine, b
     threads.clear()
     assert np.array_equal(engine.run_batch([ahead])[0].images[0], inline)
     assert threads == []  # the batch used the embeddings made ahead
+
+
+def test_references_are_vae_encoded_while_the_prompt_is_still_being_encoded(engine, base_holder):
+    """The encode stage queues the VAE's work before it waits for prompt embeddings made ahead,
+    so that the two overlap: here the embeddings only become ready once the VAE's encoder runs."""
+    from concurrent.futures import Future
+
+    pipe = base_holder.get().pipe
+    edit = request()
+    inline = engine.run_batch([edit])[0].images[0]
+    with torch.inference_mode():
+        made = engine._encode_prompts(pipe, edit, torch.device("cpu"))
+    pending: Future = Future()
+
+    def ready(*_) -> None:
+        if not pending.done():
+            pending.set_result(made)
+
+    hook = pipe.vae.encoder.register_forward_pre_hook(ready)
+    results: list = []
+    batch = threading.Thread(target=lambda: results.append(engine.run_batch([dataclasses.replace(edit, prompts=pending)])))
+    try:
+        batch.start()
+        batch.join(20)
+        ended_by_itself = not batch.is_alive()
+    finally:
+        hook.remove()
+        if not pending.done():  # the batch waits for the embeddings before the VAE: let it end
+            pending.set_result(made)
+        batch.join(60)
+    assert ended_by_itself, "the batch waited for the prompt embeddings before VAE-encoding the references"
+    assert np.array_equal(results[0][0].images[0], inline)
 
 
 def test_a_service_job_has_its_prompt_encoded_ahead(tiny_settings, base_holder, monkeypatch):
