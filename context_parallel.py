@@ -27,7 +27,6 @@ The collectives are torch's functional ones, which dynamo traces (NCCL on GPUs, 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,7 +48,6 @@ class Ranks:
     group: dist.ProcessGroup
     announce: Callable[[dict], None] | None = None
     tell: Callable[[str, object], None] | None = None
-    chunks: int = 1  # head groups each attention is pipelined in (`joint_attention`)
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's equal share of `x` along `dim`."""
@@ -62,10 +60,6 @@ class Ranks:
         # all_gather_tensor, not all_gather_single: the latter is newer than torch 2.11
         stacked = funcol.all_gather_tensor(x.contiguous(), 0, self.group)  # [N * B, ...] in rank order
         return torch.cat(stacked.chunk(self.size, dim=0), dim=dim)
-
-    def head_groups(self, heads: int) -> int:
-        """How many groups of whole heads each attention over `heads` heads is pipelined in."""
-        return math.gcd(self.chunks, heads // self.size)
 
     def joint_attention(self, attend, txt: tuple, img: tuple, text_mask: torch.Tensor | None):
         return joint_attention(attend, txt, img, text_mask, self)
@@ -100,38 +94,19 @@ def own_heads(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     return x.chunk(ranks.size, dim=2)[ranks.rank]
 
 
-def head_group(x: torch.Tensor, ranks: Ranks, chunks: int, c: int) -> torch.Tensor:
-    """Group `c` of `chunks` of every rank's heads of [..., H, D]: [..., N * H / (N * chunks), D],
-    each rank's share of the group in rank order (what `heads_to_sequence` sends to it)."""
-    return x.unflatten(-2, (ranks.size, chunks, -1)).select(-3, c).flatten(-3, -2)
-
-
 def joint_attention(attend, txt: tuple, img: tuple, text_mask: torch.Tensor | None, ranks: Ranks):
     """Attention over [text, image] with the image split across `ranks`: the text's and this
     rank's image tokens' outputs, [B, L, H, D] and [B, S/N, H, D]. `attend(q, k, v, mask)` is
-    the single-GPU attention on [B, S, H, D] tensors. Two collectives per head group: the
-    image's q, k and v go out stacked, the image's and the text's outputs come back together.
-
-    With `ranks.chunks` groups, every group's q, k and v are sent before the first group's
-    attention runs, so that the later groups' transfers (on NCCL's stream) overlap the earlier
-    groups' attention, and each group's outputs travel back while the next group attends."""
-    chunks = ranks.head_groups(img[0].shape[2])
-    txt = [own_heads(t, ranks).chunk(chunks, dim=2) for t in txt]
-    stacked = torch.stack(img)
-    sent = [heads_to_sequence(head_group(stacked, ranks, chunks, c), ranks) for c in range(chunks)]
-    length = txt[0][0].shape[1]
-    mask = rope_attention.joint_mask(text_mask, img[0].shape[1] * ranks.size)
-    images, texts = [], []
-    for c, received in enumerate(sent):
-        img_q, img_k, img_v = received.unbind(0)
-        txt_q, txt_k, txt_v = (t[c] for t in txt)
-        joint = attend(torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1), torch.cat([txt_v, img_v], dim=1),
-                       mask)  # fmt: skip
-        img_out, txt_out = back_to_ranks(joint[:, length:], joint[:, :length], ranks)
-        images.append(img_out.unflatten(2, (ranks.size, -1)))  # [B, S/N, N (source), H / (N * chunks), D]
-        texts.append(txt_out.unflatten(2, (ranks.size, -1)))
-    # every source's heads in group order, as the sources hold them
-    return torch.stack(texts, dim=3).flatten(2, 4), torch.stack(images, dim=3).flatten(2, 4)
+    the single-GPU attention on [B, S, H, D] tensors. Two collectives: the image's q, k and v
+    go out stacked, the image's and the text's outputs come back together."""
+    txt_q, txt_k, txt_v = (own_heads(t, ranks) for t in txt)
+    img_q, img_k, img_v = heads_to_sequence(torch.stack(img), ranks).unbind(0)
+    mask = rope_attention.joint_mask(text_mask, img_q.shape[1])
+    joint = attend(torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1), torch.cat([txt_v, img_v], dim=1),
+                   mask)  # fmt: skip
+    length = txt_q.shape[1]
+    img_out, txt_out = back_to_ranks(joint[:, length:], joint[:, :length], ranks)
+    return txt_out, img_out
 
 
 def enable(transformer, ranks: Ranks) -> None:
