@@ -492,7 +492,7 @@ def profile_stages(jobs: int, tiny: bool, out: str) -> None:
             start = time.perf_counter()
             for request in requests[1:]:
                 profiler.enable()
-                engine._encode(pipe, request, plan, device, torch.bfloat16) if stage == "encode" else engine._decode(pipe, latents, plan)
+                engine._encode(pipe, request, plan, device, model.dtype) if stage == "encode" else engine._decode(pipe, latents, plan)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 profiler.disable()
