@@ -40,6 +40,9 @@ def start_workers(settings: Settings) -> None:
     the first compile (7.0-7.8 s instead of 1.5-2.1). Called once torch is imported, while the
     worker still imports the rest on one core, they start beside it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # bitsandbytes is ruled out here rather than through should_compile, which would log its
+    # skip now and again at the load. Offload is left to the load (CPU_OFFLOAD=auto decides
+    # there, from the GPU's free memory): an offloaded model, served eagerly, leaves the pool idle.
     if settings.uses_bitsandbytes or not should_compile(settings, device, bnb_quantized=False, offload="none"):
         return
     export_library_settings(settings)  # the workers keep the environment they start with
