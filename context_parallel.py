@@ -4,10 +4,12 @@ diffusers' context-parallel plan for this transformer splits the text tokens as 
 image tokens, so a prompt whose length is not a multiple of the GPU count needs its
 `ulysses_anything` mode, which gathers the split sizes with `.item()` in every attention call:
 a synchronisation and a graph break per call (slower than one GPU, measured on two H200s).
-Here only the image tokens are split. Their count is a multiple of 4 for every size the
-worker makes (sides are multiples of 32 pixels, 16 pixels a token), while every rank keeps
-the whole text (about 200 tokens against 8192 image tokens at 1024²) and projects it itself.
-In each attention:
+Here only the image tokens are split, while every rank keeps the whole text (about 200
+tokens against 8192 image tokens at 1024²) and projects it itself. The image tokens' count
+need not divide by the GPU count (a 1040×1040 output has 65² of them, and 3 GPUs divide
+few sizes): the first ranks then hold one token more, and each exchange pads the shorter
+shares to the longest with zeros and drops the padding on arrival, so that attention sees
+exactly the real tokens (no mask, no change to any result). In each attention:
 
 - the image queries, keys and values go through Ulysses' all-to-all, stacked into one: each
   rank then holds every image token for 1/N of the heads;
@@ -27,7 +29,7 @@ The collectives are torch's functional ones, which dynamo traces (NCCL on GPUs, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -48,31 +50,50 @@ class Ranks:
     group: dist.ProcessGroup
     announce: Callable[[dict], None] | None = None
     tell: Callable[[str, object], None] | None = None
+    # The image tokens of the forward under way ("tokens"), set where they are split: every
+    # exchange after that needs the other ranks' shares, which its shapes cannot tell.
+    forward: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def shares(self) -> list[int]:
+        """Each rank's count of the forward's image tokens: the first ones one more where they do not divide."""
+        tokens = self.forward["tokens"]
+        return [tokens // self.size + (rank < tokens % self.size) for rank in range(self.size)]
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """This rank's equal share of `x` along `dim`."""
-        if x.shape[dim] % self.size:
-            raise ValueError(f"{x.shape[dim]} image tokens cannot be split over {self.size} GPUs")
-        return x.chunk(self.size, dim=dim)[self.rank]
+        """This rank's share of `x`'s image tokens along `dim` (the first ranks one more where they do not divide)."""
+        self.forward["tokens"] = x.shape[dim]
+        return x.tensor_split(self.size, dim=dim)[self.rank]
 
     def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Every rank's `x`, concatenated along `dim` in rank order."""
+        shares = self.shares()
         # all_gather_tensor, not all_gather_single: the latter is newer than torch 2.11
-        stacked = funcol.all_gather_tensor(x.contiguous(), 0, self.group)  # [N * B, ...] in rank order
-        return torch.cat(stacked.chunk(self.size, dim=0), dim=dim)
+        stacked = funcol.all_gather_tensor(_padded(x, dim, shares[0]).contiguous(), 0, self.group)  # [N * B, ...] in rank order
+        return torch.cat([part.narrow(dim, 0, share) for part, share in zip(stacked.chunk(self.size, dim=0), shares)], dim=dim)
 
     def joint_attention(self, attend, txt: tuple, img: tuple, text_mask: torch.Tensor | None):
         return joint_attention(attend, txt, img, text_mask, self)
 
 
+def _padded(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """`x` with zeros after its end along `dim`, to `length`."""
+    short = length - x.shape[dim]
+    if short == 0:
+        return x
+    return torch.cat([x, x.new_zeros(*x.shape[:dim], short, *x.shape[dim + 1 :])], dim=dim)
+
+
 def heads_to_sequence(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """[..., B, S/N, H, D] (this rank's tokens, every head) to [..., B, S, H/N, D] (every token,
     this rank's heads): one all-to-all for whatever the leading dimensions stack (q, k and v)."""
-    *lead, batch, tokens, heads, dim = x.shape
-    n = ranks.size
-    parts = x.reshape(*lead, batch, tokens, n, heads // n, dim).movedim(-3, 0).contiguous()  # [N (dest), ..., B, S/N, H/N, D]
+    shares, n = ranks.shares(), ranks.size
+    x = _padded(x, x.dim() - 3, shares[0])  # every rank sends the longest share
+    *lead, batch, share, heads, dim = x.shape
+    parts = x.reshape(*lead, batch, share, n, heads // n, dim).movedim(-3, 0).contiguous()  # [N (dest), ..., B, S/N, H/N, D]
     received = funcol.all_to_all_single(parts, None, None, group=ranks.group)  # [N (source: tokens), ...]
-    return received.movedim(0, -4).reshape(*lead, batch, n * tokens, heads // n, dim)
+    if shares[-1] == share:  # no padding to drop
+        return received.movedim(0, -4).reshape(*lead, batch, n * share, heads // n, dim)
+    return torch.cat([part.narrow(-3, 0, real) for part, real in zip(received.unbind(0), shares)], dim=-3)
 
 
 def back_to_ranks(img: torch.Tensor, txt: torch.Tensor, ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,13 +101,17 @@ def back_to_ranks(img: torch.Tensor, txt: torch.Tensor, ranks: Ranks) -> tuple[t
     this rank's image tokens with every head, [B, S/N, H, D], and the whole text, [B, L, H, D].
     One all-to-all: each rank is sent its image tokens with the text behind them, which
     gathers the text over the heads on the way."""
-    batch, tokens, heads, dim = img.shape
-    n, share = ranks.size, tokens // ranks.size
-    per_rank = img.reshape(batch, n, share, heads, dim).movedim(1, 0)  # [N (dest), B, S/N, H/N, D]
+    shares, n = ranks.shares(), ranks.size
+    share = shares[0]
+    if shares[-1] == share:
+        batch, _, heads, dim = img.shape
+        per_rank = img.reshape(batch, n, share, heads, dim).movedim(1, 0)  # [N (dest), B, S/N, H/N, D]
+    else:  # each rank's tokens padded to the longest share
+        per_rank = torch.stack([_padded(part, 1, share) for part in img.split(shares, dim=1)])
     parts = torch.cat([per_rank, txt.expand(n, *txt.shape)], dim=2).contiguous()  # text behind each rank's tokens
     received = funcol.all_to_all_single(parts, None, None, group=ranks.group)  # [N (source: heads), B, S/N + L, H/N, D]
     whole = received.movedim(0, 2).flatten(2, 3)  # [B, S/N + L, H, D]: the sources' heads in rank order
-    return whole[:, :share], whole[:, share:]
+    return whole[:, : shares[ranks.rank]], whole[:, share:]
 
 
 def own_heads(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:

@@ -27,7 +27,14 @@ def _inputs(transformer) -> list[dict]:
     batch.update(hidden_states=batch["hidden_states"].repeat(2, 1, 1), timestep=batch["timestep"].repeat(2),
                  encoder_hidden_states=torch.randn(2, 11, transformer.config.joint_attention_dim),
                  encoder_hidden_states_mask=torch.tensor([[1] * 11, [1] * 6 + [0] * 5]), img_shapes=batch["img_shapes"] * 2)  # fmt: skip
-    return [*cases, batch]
+    # A size whose image tokens divide by no GPU count: a 5x5 output beside a 4x4 reference (41
+    # tokens; 11 + 10 + 10 + 10 on four ranks), two such samples with a padded text.
+    odd = forward_inputs(transformer, 4, 9, torch.device("cpu"), torch.float32)
+    odd.update(hidden_states=torch.randn(2, 41, transformer.config.in_channels), timestep=odd["timestep"].repeat(2),
+               encoder_hidden_states=torch.randn(2, 9, transformer.config.joint_attention_dim),
+               encoder_hidden_states_mask=torch.tensor([[1] * 9, [1] * 4 + [0] * 5]),
+               img_shapes=[[(1, 5, 5), (1, 4, 4)]] * 2)  # fmt: skip
+    return [*cases, batch, odd]
 
 
 def _rank(rank: int, world: int, store: str, path: str | None, compiled: bool, results: str) -> None:
@@ -50,7 +57,8 @@ def _rank(rank: int, world: int, store: str, path: str | None, compiled: bool, r
     with torch.inference_mode():
         alone = [transformer(**case)[0] for case in cases]
         context_parallel.enable(transformer, context_parallel.Ranks(rank, world, dist.group.WORLD))
-        if compiled:
+        if compiled:  # as the worker does (`compilation.compile_transformer`), a graph per shape
+            torch._dynamo.config.recompile_limit = 64
             transformer.compile_repeated_blocks(fullgraph=True)
         split = [transformer(**case)[0] for case in cases]
     errors = [float((b - a).norm() / a.norm()) for a, b in zip(alone, split)]
