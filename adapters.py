@@ -26,13 +26,15 @@ unfused Lightning adapter (quantized weights) stays active in every batch.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from lora_files import LoraError, excerpt, read_lora
 from lora_store import LoraFile, lora_subject
-from loras import LoraError, load_lora
+from loras import load_weights
 from startup_clock import timed
 
 log = logging.getLogger("qwen_edit_worker.adapters")
@@ -45,6 +47,7 @@ class AppliedLora:
     file: LoraFile
     scale: float
     index: int
+    setting: bool = False  # one of the endpoint's own (`LORAS`), not the job's `loras`
 
     @property
     def adapter(self) -> str:
@@ -52,11 +55,27 @@ class AppliedLora:
 
     @property
     def subject(self) -> str:
-        return lora_subject(self.index, self.file.source)
+        return lora_subject(self.index, self.file.source, self.setting)
 
 
 BLANK = ("blank", 0.0)
 SLOT_PREFIX = "slot"
+
+# One adapter change at a time in the whole process: peft creates adapter layers under
+# accelerate's `init_empty_weights`, which patches `torch.nn.Module` for every thread, so a
+# replica thread loading a LoRA while another did left the other's tensors on the `meta`
+# device (one-colour images, no error).
+ADAPTER_LOCK = threading.RLock()
+
+
+def merged(loras: tuple[AppliedLora, ...]) -> tuple[AppliedLora, ...]:
+    """One entry per file content, at the sum of its scales: the same file under two URLs is
+    one adapter (named by its content), which would otherwise get only one of the scales."""
+    by_content: dict[str, AppliedLora] = {}
+    for lora in loras:
+        first = by_content.get(lora.file.sha256)
+        by_content[lora.file.sha256] = lora if first is None else replace(first, scale=first.scale + lora.scale)
+    return tuple(by_content.values())
 
 
 def ready_slots(model) -> None:
@@ -65,9 +84,10 @@ def ready_slots(model) -> None:
     first result need not wait for): they are prepared at the first idle moment or for the
     first batch with LoRAs, whichever comes first. The blocks then compile once more, for the
     layers the slots wrap (the computation is the same, so inductor's cache has its kernels)."""
-    if model.lora_slot_count and not model.lora_slots:
-        with timed(log, "preparing LoRA slots"):
-            model.lora_slots = prepare_slots(model.pipe, model.lora_slot_count, model.lora_rank)
+    with ADAPTER_LOCK:
+        if model.lora_slot_count and not model.lora_slots:
+            with timed(log, "preparing LoRA slots"):
+                model.lora_slots = prepare_slots(model.pipe, model.lora_slot_count, model.lora_rank)
 
 
 def prepare_slots(pipe, count: int, rank: int) -> tuple[str, ...]:
@@ -90,12 +110,14 @@ def blank_lora(transformer, rank: int = 1) -> dict[str, torch.Tensor]:
     """Zero low-rank weights for every linear layer of the transformer blocks (diffusers keys;
     hot-swapping pads them to the slots' rank), made where the layer is: a slot's blank at
     rank 64 is 850 MB, which the CPU would build and copy for nothing. Works before and after
-    adapters are injected."""
+    adapters are injected. With an up-projection bias (peft's `lora_bias`), so that a LoRA
+    that has one applies in a slot as it does as a named adapter (one vector add a layer)."""
     state = {}
     for name, base in block_linears(transformer).items():
         like = {"dtype": base.weight.dtype, "device": base.weight.device}
         state[f"transformer.{name}.lora_A.weight"] = torch.zeros(rank, base.in_features, **like)
         state[f"transformer.{name}.lora_B.weight"] = torch.zeros(base.out_features, rank, **like)
+        state[f"transformer.{name}.lora_B.bias"] = torch.zeros(base.out_features, **like)
     return state
 
 
@@ -128,6 +150,10 @@ class AdapterCache:
         self._blank: dict | None = None
 
     def apply(self, model, loras: tuple[AppliedLora, ...]) -> None:
+        with ADAPTER_LOCK:
+            self._apply(model, merged(loras))
+
+    def _apply(self, model, loras: tuple[AppliedLora, ...]) -> None:
         if model.lora_slot_count:
             self._apply_slots(model, loras)
             return
@@ -166,12 +192,13 @@ class AdapterCache:
         if active == self._active_slots:
             return
         pipe = model.pipe
-        if active:
-            pipe.set_adapters(list(active), adapter_weights=[1.0] * len(active))
-            if not self._active_slots:
-                pipe.enable_lora()
-        else:
-            pipe.disable_lora()
+        with ADAPTER_LOCK:
+            if active:
+                pipe.set_adapters(list(active), adapter_weights=[1.0] * len(active))
+                if not self._active_slots:
+                    pipe.enable_lora()
+            else:
+                pipe.disable_lora()
         self._active_slots = active
 
     def _blank_state(self, pipe) -> dict:
@@ -188,7 +215,7 @@ class AdapterCache:
         full = {}
         for key, reference in self._blank_state(pipe).items():
             down = ".lora_A." in key
-            shape = (rank, reference.shape[1]) if down else (reference.shape[0], rank)
+            shape = reference.shape if key.endswith(".bias") else (rank, reference.shape[1]) if down else (reference.shape[0], rank)
             padded = torch.zeros(shape, dtype=reference.dtype, device=device)
             value = state.get(key)
             if value is not None:
@@ -196,7 +223,7 @@ class AdapterCache:
                 if down:
                     padded[: value.shape[0]] = value
                 else:
-                    padded[:, : value.shape[1]] = value * scale
+                    padded[..., : value.shape[-1]] = value * scale
             full[key] = padded
         return full
 
@@ -213,24 +240,16 @@ class AdapterCache:
         return self._full(pipe, state, rank, device, lora.scale)
 
     def _converted(self, pipe, lora: AppliedLora, rank: int) -> dict:
-        """diffusers' conversion of the file to its own keys, alpha folded in, checked against the slots."""
-        from safetensors import safe_open
-
+        """The file in diffusers' keys (`lora_files`), each layer's scaling folded into its
+        up-projection, checked against the slots."""
         subject = lora.subject
-        try:
-            with safe_open(str(lora.file.path), framework="pt") as tensors:
-                raw = {key: tensors.get_tensor(key) for key in tensors.keys()}
-                metadata = tensors.metadata() or {}
-            state = pipe.lora_state_dict(raw)
-        except Exception as error:  # noqa: BLE001 - diffusers' conversion raises many kinds
-            raise LoraError(f"{subject} {_why_not(error)}.") from None
-        fold = _peft_alpha_over_rank(metadata)
+        state = read_lora(lora.file.path, subject, values=False).folded()  # its values were checked when it was fetched
         blank = self._blank_state(pipe)
         outside = [key for key in state if key not in blank]
         if outside:
             reason = "matches none of the transformer's layers: it is not a Qwen-Image LoRA"
             if len(outside) < len(state):
-                reason = f"targets layers outside the transformer blocks ({outside[0].split('.lora_')[0]})"
+                reason = f"targets layers outside the transformer blocks ({excerpt(outside[0].split('.lora_')[0])})"
             raise LoraError(f"{subject} {reason}.")
         for key, value in state.items():
             down = ".lora_A." in key
@@ -239,7 +258,7 @@ class AdapterCache:
             if value.shape[1 if down else 0] != blank[key].shape[1 if down else 0]:
                 raise LoraError(f"{subject} does not fit this model: its layer shapes differ from the transformer's.")
         dtype = next(iter(blank.values())).dtype
-        return {key: (value * fold if ".lora_B." in key else value).to(dtype) for key, value in state.items()}
+        return {key: value.to(dtype) for key, value in state.items()}
 
     # ------------------------------------------------------------------- named adapters (eager)
 
@@ -249,8 +268,9 @@ class AdapterCache:
             self._loaded.move_to_end(name)
             return
         subject = lora.subject
+        weights = read_lora(lora.file.path, subject, values=False)  # its values were checked when it was fetched
         try:
-            load_lora(pipe, lora.file.path, name)
+            load_weights(pipe, weights, name, subject)
         except Exception as error:  # noqa: BLE001 - peft and diffusers raise many kinds
             _forget(pipe, name)
             raise LoraError(f"{subject} {_why_not(error)}.") from None
@@ -265,17 +285,6 @@ class AdapterCache:
                 pipe.delete_adapters(name)
                 del self._loaded[name]
                 log.info("LoRA adapter %s removed (MAX_LOADED_LORAS=%d)", name, self.capacity)
-
-
-def _peft_alpha_over_rank(metadata: dict) -> float:
-    """A PEFT-format file keeps its alpha in its metadata (diffusers' key), not in its tensors."""
-    import json
-
-    try:
-        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-        return float(config["lora_alpha"]) / float(config["r"]) if "lora_alpha" in config and "r" in config else 1.0
-    except (ValueError, TypeError, ZeroDivisionError):
-        return 1.0
 
 
 NOTHING_MATCHED = ("not found in the base model", "should be empty at this point", "Invalid LoRA checkpoint")

@@ -37,6 +37,7 @@ from PIL import Image
 
 from adapters import AdapterCache, AppliedLora, ready_slots
 from config import Settings
+from lora_files import LoraError
 from model_loader import LoadedModel
 from side_stream import SideStream
 
@@ -299,6 +300,7 @@ class EditEngine:
         start = time.perf_counter()
         latents, masked = self._denoise(pipe, requests, encoded, plan, model.device)
         timings["denoise"] = _ms_since(start, model.device)
+        _check_finite(latents, requests[0].loras)
 
         start = time.perf_counter()
         pixels = self._decode(pipe, latents, plan)
@@ -501,6 +503,15 @@ def pad_and_stack(embeds: Sequence[torch.Tensor], repeats: Sequence[int]) -> tup
         masks.append(mask)
     mask = torch.cat(masks)
     return torch.cat(rows), None if bool(mask.all()) else mask
+
+
+def _check_finite(latents: torch.Tensor, loras: tuple[AppliedLora, ...]) -> None:
+    """With LoRAs, NaN or infinity in the latents (weights or scales too large for bfloat16)
+    would decode to a one-colour image returned as a success: fail the batch instead. Its
+    requests share their LoRAs (they are in the batch key)."""
+    if loras and not bool(torch.isfinite(latents).all()):
+        raise LoraError("Input field 'loras' made the model's output non-finite (NaN or infinity): the LoRAs' weights "
+                        "or scales are too large for this model, and no image was made.")  # fmt: skip
 
 
 def _ms_since(start: float, device: torch.device) -> float:

@@ -1,4 +1,4 @@
-"""Loading LoRA files into the transformer through diffusers, and checking what they reached.
+"""Loading LoRA weights into the transformer through diffusers, and checking what they reached.
 
 diffusers' `load_lora_weights` accepts a file whose keys match no module of the
 transformer (a LoRA for another model, or one keyed for the text encoder): it warns and
@@ -11,13 +11,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from schema import InputError
+from lora_files import LoraError, LoraWeights
 
 log = logging.getLogger("qwen_edit_worker.loras")
 
-
-class LoraError(InputError):
-    """A LoRA file cannot be used; the message says why in one sentence."""
+__all__ = ["LoraError", "adapter_layers", "load_lora", "load_weights"]
 
 
 def adapter_layers(transformer, adapter_name: str) -> int:
@@ -26,15 +24,28 @@ def adapter_layers(transformer, adapter_name: str) -> int:
 
 
 def load_lora(pipe, path: str | Path, adapter_name: str) -> int:
-    """Load a LoRA file as `adapter_name`; the number of transformer layers it reached."""
+    """Load a LoRA file the worker ships or is configured with (Lightning) as `adapter_name`;
+    the number of transformer layers it reached."""
     path = Path(path)
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+    return _reached(pipe, adapter_name, f"The LoRA {path.name}")
+
+
+def load_weights(pipe, weights: LoraWeights, adapter_name: str, label: str) -> int:
+    """Load a user's checked LoRA (`lora_files.read_lora`) as `adapter_name`, as
+    `load_lora_weights` does once it has read a file: its metadata too (the scaling a PEFT
+    file keeps there). The number of transformer layers it reached."""
+    pipe.load_lora_into_transformer(weights.state, transformer=pipe.transformer, adapter_name=adapter_name,
+                                    metadata=weights.metadata, _pipeline=pipe, low_cpu_mem_usage=True)  # fmt: skip
+    return _reached(pipe, adapter_name, label)
+
+
+def _reached(pipe, adapter_name: str, label: str) -> int:
     reached = adapter_layers(pipe.transformer, adapter_name)
     if reached == 0:
         pipe.delete_adapters(adapter_name)
         raise LoraError(
-            f"The LoRA {path.name} reached none of the transformer's layers: its keys are not those of a "
-            "Qwen-Image transformer LoRA."
+            f"{label} reached none of the transformer's layers: its keys are not those of a Qwen-Image transformer LoRA."
         )
-    log.info("LoRA %s (%s) reached %d transformer layers", path.name, adapter_name, reached)
+    log.info("LoRA %s reached %d transformer layers", adapter_name, reached)
     return reached
