@@ -25,7 +25,9 @@ Semantics (the contract the handler and the tests rely on):
   time; with several lanes, each ready batch goes to the next lane that is free. A
   `Batcher(run_batch=...)` has one lane. The event loop never waits on them.
 - A batch that raises is retried one request at a time, so only the guilty request gets
-  the error; a batch that runs out of GPU memory is split in halves and retried.
+  the error; a batch that runs out of GPU memory is split in halves and retried. An error
+  that `is_shared` says comes from what the batch's requests share (their key: the worker's
+  LoRAs) is every request's answer at once: alone, each would only pay for it again.
 - A request whose awaitable was cancelled while queued never reaches the GPU; one
   cancelled while its batch runs is simply not answered, the others are.
 - Every submitted request is answered exactly once (result, error, or cancellation).
@@ -193,6 +195,7 @@ class Batcher(Generic[Req, Res]):
         adaptive: bool = True,
         clock: Callable[[], float] = time.monotonic,
         lanes: Sequence[Lane] = (),
+        is_shared: Callable[[BaseException], bool] = lambda error: False,
     ):
         """`run_batch`, `on_start` and `on_idle` make the one lane; or give `lanes` instead."""
         if max_batch_size < 1 or max_wait_s < 0:
@@ -206,6 +209,7 @@ class Batcher(Generic[Req, Res]):
         self.max_wait_s = max_wait_s
         self._is_oom = is_out_of_memory
         self._is_fatal = is_fatal
+        self._is_shared = is_shared
         self._on_failure = on_failure
         self.failure: WorkerBroken | None = None
         self._clock = clock
@@ -373,9 +377,11 @@ class Batcher(Generic[Req, Res]):
             _resolve(item, result=result)
 
     def _recover(self, batch: list[_Item], error: Exception, lane: int) -> None:
-        if len(batch) == 1:
-            log.warning("request failed: %s: %s", type(error).__name__, error)
-            _resolve(batch[0], error=error)
+        if len(batch) == 1 or self._is_shared(error):
+            log.warning("%s failed: %s: %s", f"batch of {len(batch)}" if len(batch) > 1 else "request",
+                        type(error).__name__, error)  # fmt: skip
+            for item in batch:
+                _resolve(item, error=error)
         elif self._is_oom(error):
             half = len(batch) // 2
             log.warning("batch of %d ran out of GPU memory: retrying as %d + %d", len(batch), half, len(batch) - half)

@@ -170,6 +170,11 @@ class Settings:
             settings = dataclasses.replace(settings, compile_cache_mirror=settings.model_dir)
         if settings.gpu_parallelism == "context":
             _check_context_parallel(settings)
+        if settings.precision_mode == "fp8" and settings.default_loras:
+            raise ConfigError(
+                "LORAS cannot be used with PRECISION_MODE=fp8: the float8 transformer takes no LoRA adapters; use "
+                "PRECISION_MODE bf16, 8bit or 4bit, or leave LORAS unset."
+            )
         if settings.batch_cfg and not settings.attention_takes_masks:
             raise ConfigError(
                 f"CFG_BATCHING=true pads the negative prompt to the prompt's length, which ATTENTION_BACKEND="

@@ -128,7 +128,11 @@ def _serve() -> int:
     except ConfigError as unusable:
         _exit(1, f"qwen-edit-worker: invalid configuration: {unusable}")
     try:
-        _get_service()  # starts loading the model while the worker connects to RunPod
+        service = _get_service()  # starts loading the model while the worker connects to RunPod
+        try:
+            service.fetch_default_loras()  # no job is taken before the endpoint's own LoRAs are here and checked
+        except ConfigError as unusable:
+            _exit(1, f"qwen-edit-worker: invalid configuration: {unusable}")
         # On SIGTERM RunPod's JobScaler stops taking jobs and waits for the ones it holds;
         # then start() returns and the batcher finishes anything left.
         runpod.serverless.start({"handler": handler, "concurrency_modifier": concurrency_modifier})

@@ -3,10 +3,15 @@
 A job names a LoRA by URL (fetched by `fetching` under `MAX_LORA_BYTES` and
 `LORA_DOWNLOAD_TIMEOUT_S`, with the same address checks as images) or by Hugging Face repo
 (found in RunPod's model cache or the Hugging Face cache, else downloaded with
-huggingface_hub; `HF_TOKEN` is read by huggingface_hub itself). Files are stored under
-`MODEL_DIR/loras/<sha256>.safetensors`, at most `LORA_CACHE_GB` of them, the least recently
-used removed first; the same source asked for by several jobs at once is fetched once.
-Only safetensors are read: nothing in a LoRA file is ever executed.
+huggingface_hub; `HF_TOKEN` is read by huggingface_hub itself). Every file, whatever its
+source, is held to `MAX_LORA_BYTES` and checked (`lora_files`) on the download thread,
+before the GPU thread sees it; content refused once is refused at once after (by its hash).
+Files are stored under `MODEL_DIR/loras/<sha256>.safetensors`, at most `LORA_CACHE_GB` of
+them, the least recently used removed first, never one a job holds. `loras/index.json`
+maps a hash of each source to its file: no URL, with its credentials, is written to disk.
+A source is never fetched again once kept (use versioned URLs or Hub revisions to change a
+LoRA). Several jobs asking for one source at once share one fetch and its outcome. Only
+safetensors are read: nothing in a LoRA file is ever executed.
 """
 
 from __future__ import annotations
@@ -16,23 +21,32 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import tempfile
 import threading
 import uuid
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import fetching
+import lora_files
 from config import RUNPOD_HF_CACHE, Settings
 from model_files import find_in_caches
 from schema import InputError, LoraInput
 
 log = logging.getLogger("qwen_edit_worker.lora_store")
 
-# Key prefixes of LoRAs made for the text encoder (kohya, diffusers): this worker applies
-# LoRAs to the transformer only.
-TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder.", "te.", "te1.", "te2.")
+SOURCE_KEY = re.compile(r"[0-9a-f]{64}")  # index.json's keys: sha256 of the source
+
+
+class _Fetch(Future):
+    """One source's fetch under way, and the job entry (`loras[i]`) whose sentence it gives."""
+
+    def __init__(self, subject: str):
+        super().__init__()
+        self.subject = subject
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,7 @@ class LoraFile:
     source: str  # what the job named: the URL, or repo/weight_name
     path: Path
     sha256: str
+    text_encoder_skipped: bool = False  # it also held text-encoder weights, which are not applied
 
 
 class LoraStore:
@@ -48,64 +63,105 @@ class LoraStore:
         self.root = Path(settings.model_dir) / "loras"
         self._downloads = downloads
         self._lock = threading.Lock()
-        self._source_locks: dict[str, threading.Lock] = {}
+        self._fetches: dict[str, Future] = {}  # source -> the fetch under way
         self._index_path = self.root / "index.json"
-        self._index: dict[str, str] | None = None  # source -> sha256
+        self._index: dict[str, str] | None = None  # sha256 of the source -> sha256 of the file
         self._in_use: dict[str, int] = {}  # sha256 -> jobs holding it (never evicted)
+        self._refused: dict[str, str] = {}  # sha256 -> why, for content refused before
+        self._over = False  # the cache is over LORA_CACHE_GB because jobs hold its files
 
-    async def resolve(self, loras: list[LoraInput]) -> list[LoraFile]:
-        """The file of each LoRA, in order, or an `InputError` naming `loras[i].path`."""
+    async def resolve(self, loras: list[LoraInput], setting: bool = False) -> list[LoraFile]:
+        """The file of each LoRA, in order, or an `InputError` naming `loras[i].path` (`LORAS[i]`
+        for the endpoint's own: `setting`)."""
         loop = asyncio.get_running_loop()
-        pending = [loop.run_in_executor(self._downloads, self.obtain, i, lora) for i, lora in enumerate(loras)]
+        pending = [loop.run_in_executor(self._downloads, self.obtain, i, lora, setting) for i, lora in enumerate(loras)]
         results = await asyncio.gather(*pending, return_exceptions=True)
+        files = [r for r in results if isinstance(r, LoraFile)]
         failures = [r for r in results if isinstance(r, BaseException)]
+        if not failures and self._bytes({f.sha256: f.path for f in files}.values()) > self._limit():
+            field = "LORAS" if setting else "Input field 'loras'"
+            failures = [InputError(f"{field} needs more room than the worker's LoRA cache has (LORA_CACHE_GB="
+                                   f"{self.settings.lora_cache_gb:g}); send fewer or smaller LoRAs.")]  # fmt: skip
         if failures:
-            self.release([r for r in results if isinstance(r, LoraFile)])
+            self.release(files)
             raise failures[0]
-        return list(results)
+        return files
 
     def release(self, files: list[LoraFile]) -> None:
         with self._lock:
             for file in files:
                 self._in_use[file.sha256] -= 1
+            over = self._over
+        if over:  # files held by jobs kept the cache over its bound: they may go now
+            self._evict()
 
-    def obtain(self, i: int, lora: LoraInput) -> LoraFile:
-        """Find or fetch one LoRA (blocking); the caller must `release` it after its job."""
+    def obtain(self, i: int, lora: LoraInput, setting: bool = False) -> LoraFile:
+        """Find or fetch one LoRA (blocking); the caller must `release` it after its job.
+        Jobs asking for the same source meanwhile wait for this fetch and share its outcome."""
         source = lora.path if lora.weight_name is None else f"{lora.path}/{lora.weight_name}"
-        subject = lora_subject(i, lora.path)
-        with self._source_lock(source):
-            file = self._cached(source)
-            if file is None:
-                path = self._download(lora, subject) if lora.is_url else self._from_hub(lora, subject)
-                file = self._check_and_keep(source, path, subject, owned=lora.is_url or path.parent == self._tmp())
+        subject = lora_subject(i, lora.path, setting)
         with self._lock:
-            self._in_use[file.sha256] = self._in_use.get(file.sha256, 0) + 1
+            fetch = self._fetches.get(source)
+            if fetch is None:
+                fetch = self._fetches[source] = _Fetch(subject)
+                leader = True
+            else:
+                leader = False
+        if leader:
+            try:
+                fetch.set_result(self._obtain(source, lora, subject))
+            except BaseException as error:
+                fetch.set_exception(error)
+            finally:
+                with self._lock:
+                    del self._fetches[source]
+        try:
+            file = fetch.result()
+        except InputError as error:  # the sentence names the first job's entry: name this one's
+            raise type(error)(str(error).replace(fetch.subject, subject, 1)) from None
+        if not leader:
+            with self._lock:  # the fetch counted its own job in; each sharer counts itself
+                if not file.path.exists():  # evicted since, after every job before had released it
+                    raise InputError(f"{subject} was removed from the LoRA cache meanwhile; retry the job.")
+                self._in_use[file.sha256] = self._in_use.get(file.sha256, 0) + 1
         return file
 
-    # ----------------------------------------------------------------------- the disk cache
+    def _obtain(self, source: str, lora: LoraInput, subject: str) -> LoraFile:
+        file = self._cached(source)
+        if file is not None:
+            return file
+        path = self._download(lora, subject) if lora.is_url else self._from_hub(lora, subject)
+        return self._check_and_keep(source, path, subject, owned=lora.is_url or self._tmp() in path.parents)
 
-    def _source_lock(self, source: str) -> threading.Lock:
-        with self._lock:
-            return self._source_locks.setdefault(source, threading.Lock())
+    # ----------------------------------------------------------------------- the disk cache
 
     def _load_index(self) -> dict[str, str]:
         if self._index is None:
             try:
-                self._index = json.loads(self._index_path.read_text())
+                index = json.loads(self._index_path.read_text())
             except (OSError, ValueError):
-                self._index = {}
+                index = {}
+            # an older index kept the sources themselves (URLs with their credentials): dropped
+            self._index = {k: v for k, v in index.items() if SOURCE_KEY.fullmatch(k)} if isinstance(index, dict) else {}
         return self._index
 
     def _cached(self, source: str) -> LoraFile | None:
+        """The kept file of `source`, counted as in use, if there is one."""
         with self._lock:
-            sha = self._load_index().get(source)
-        if sha is None:
-            return None
-        path = self.root / f"{sha}.safetensors"
-        if not path.exists():
-            return None
+            sha = self._load_index().get(_source_key(source))
+            path = self.root / f"{sha}.safetensors"
+            if sha is None or not path.exists():
+                return None
+            self._in_use[sha] = self._in_use.get(sha, 0) + 1  # before anything can evict it
         os.utime(path)  # used now: last to be evicted
-        return LoraFile(source, path, sha)
+        return LoraFile(source, path, sha, lora_files.holds_text_encoder_weights(path, "A kept LoRA"))
+
+    def _limit(self) -> float:
+        return self.settings.lora_cache_gb * 1024**3
+
+    @staticmethod
+    def _bytes(paths) -> int:
+        return sum(path.stat().st_size for path in paths if path.exists())
 
     def _tmp(self) -> Path:
         folder = self.root / "incoming"
@@ -113,9 +169,22 @@ class LoraStore:
         return folder
 
     def _check_and_keep(self, source: str, path: Path, subject: str, owned: bool) -> LoraFile:
+        """Check a fetched (or found) file, keep it under its hash, count it in use, evict others."""
         try:
-            check_safetensors(path, subject)
+            size = path.stat().st_size
+            if size > self.settings.max_lora_bytes:  # a file found in a cache is held to the limit too
+                raise InputError(f"{subject} is larger than MAX_LORA_BYTES ({self.settings.max_lora_bytes} bytes).")
+            if size > self._limit():
+                raise InputError(f"{subject} is larger than the worker's LoRA cache (LORA_CACHE_GB="
+                                 f"{self.settings.lora_cache_gb:g}).")  # fmt: skip
             sha = sha256_of(path)
+            if sha in self._refused:
+                raise lora_files.LoraError(f"{subject} {self._refused[sha]}")
+            try:
+                text_encoder = lora_files.check_file(path, subject)
+            except lora_files.LoraError as error:
+                self._refused[sha] = str(error).removeprefix(subject).lstrip()
+                raise
             kept = self.root / f"{sha}.safetensors"
             if owned:
                 os.replace(path, kept)
@@ -128,10 +197,11 @@ class LoraStore:
             if owned and path.exists():
                 path.unlink()
         with self._lock:
-            self._load_index()[source] = sha
+            self._in_use[sha] = self._in_use.get(sha, 0) + 1  # this job's: never evicted under it
+            self._load_index()[_source_key(source)] = sha
             self._write_index()
         self._evict()
-        return LoraFile(source, kept, sha)
+        return LoraFile(source, kept, sha, text_encoder)
 
     def _write_index(self) -> None:
         tmp = self._index_path.with_suffix(f".{uuid.uuid4().hex}.tmp")
@@ -139,22 +209,23 @@ class LoraStore:
         os.replace(tmp, self._index_path)
 
     def _evict(self) -> None:
-        """Remove the least recently used files until the cache is under LORA_CACHE_GB."""
-        limit = self.settings.lora_cache_gb * 1024**3
+        """Remove the least recently used files until the cache is under LORA_CACHE_GB; files
+        that jobs hold stay (the cache may be over its bound until they are released)."""
         files = sorted(self.root.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
+        total = self._bytes(files)
         with self._lock:
             for path in files:
-                if total <= limit:
+                if total <= self._limit():
                     break
                 sha = path.stem
                 if self._in_use.get(sha, 0) > 0:
                     continue
                 total -= path.stat().st_size
                 path.unlink()
-                for source in [s for s, h in self._load_index().items() if h == sha]:
-                    del self._index[source]
+                for key in [k for k, h in self._load_index().items() if h == sha]:
+                    del self._index[key]
                 log.info("LoRA cache over %.1f GB: removed %s", self.settings.lora_cache_gb, path.name)
+            self._over = total > self._limit()
             self._write_index()
 
     # ----------------------------------------------------------------------- fetching
@@ -189,7 +260,7 @@ class LoraStore:
 
         found = find_in_caches(fetch, [RUNPOD_HF_CACHE, None], f"LoRA {lora.path}/{weight_name}")
         if found is not None:
-            return Path(found)
+            return Path(found)  # held to MAX_LORA_BYTES before it is read (`_check_and_keep`)
         unavailable = f"{subject} could not be downloaded from Hugging Face (no such repo or file, or access refused)."
         try:  # the Hub says the size before any byte is sent: refuse a file that is too large then
             size = get_hf_file_metadata(hf_hub_url(lora.path, weight_name)).size
@@ -197,15 +268,15 @@ class LoraStore:
             raise InputError(unavailable) from None
         if size is not None and size > self.settings.max_lora_bytes:
             raise InputError(f"{subject} is larger than MAX_LORA_BYTES ({self.settings.max_lora_bytes} bytes).")
+        folder = self._tmp() / uuid.uuid4().hex  # hf_hub_download also leaves a .cache folder in it
         try:
-            path = Path(hf_hub_download(lora.path, weight_name, local_dir=self._tmp() / uuid.uuid4().hex))
+            path = Path(hf_hub_download(lora.path, weight_name, local_dir=folder))
+            final = self._tmp() / f"{uuid.uuid4().hex}.part"
+            os.replace(path, final)  # MAX_LORA_BYTES is applied to it as to any file (`_check_and_keep`)
         except Exception:  # noqa: BLE001 - huggingface_hub's and its HTTP client's errors
             raise InputError(unavailable) from None
-        if path.stat().st_size > self.settings.max_lora_bytes:  # a Hub that said otherwise
-            path.unlink()
-            raise InputError(f"{subject} is larger than MAX_LORA_BYTES ({self.settings.max_lora_bytes} bytes).")
-        final = self._tmp() / f"{uuid.uuid4().hex}.part"
-        os.replace(path, final)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         return final
 
     def _only_safetensors(self, repo: str, subject: str) -> str:
@@ -234,21 +305,6 @@ def _local_safetensors(repo: str) -> list[str]:
     return []
 
 
-def check_safetensors(path: Path, subject: str) -> None:
-    """A safetensors file for the transformer: refuse anything else in a sentence."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as tensors:
-            keys = list(tensors.keys())
-    except Exception:  # noqa: BLE001 - safetensors' errors: not a safetensors file
-        raise InputError(f"{subject} is not a safetensors file.") from None
-    if not keys:
-        raise InputError(f"{subject} holds no tensors.")
-    if all(key.startswith(TEXT_ENCODER_PREFIXES) for key in keys):
-        raise InputError(f"{subject} is a text-encoder LoRA; this worker applies LoRAs to the transformer only.")
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -257,8 +313,16 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def lora_subject(index: int, path: str) -> str:
-    """How an error names a job's LoRA: its place in `loras` and its path, credentials removed."""
+def _source_key(source: str) -> str:
+    """What index.json keeps of a source: its hash (a URL can carry credentials)."""
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def lora_subject(index: int, path: str, setting: bool = False) -> str:
+    """How an error names a LoRA: its place in the job's `loras` (or in the endpoint's `LORAS`
+    setting) and its path, credentials removed."""
+    if setting:
+        return f"LORAS[{index}] ({_shown(path)})"
     return f"Input field 'loras[{index}].path' ({_shown(path)})"
 
 

@@ -24,7 +24,8 @@ One pipe per process carries:
   LoRAs) and `("stop", None)`;
 - from it: `("ready", encodes_ahead)` or `("failed", sentence)` once at start; for each batch,
   `("progress", index, step, total)` as its steps end and one `("done", results)` or
-  `("error", kind, sentence)`; for each encode, `("encoded", token, embeddings)` or
+  `("error", kind, sentence)` (kind "input": the batch's input, its LoRAs, is at fault, and
+  the sentence is the job's answer, as on the first GPU); for each encode, `("encoded", token, embeddings)` or
   `("encode_failed", token, sentence)` once ready, between the others.
 A thread at each end reads the pipe, so that an encode is taken and answered while a batch runs.
 
@@ -52,6 +53,7 @@ import compilation
 import devices
 from config import Settings
 from engine import EditEngine, EditRequest
+from schema import InputError
 from side_stream import SideStream
 
 log = logging.getLogger("qwen_edit_worker.replicas")
@@ -218,6 +220,8 @@ def _error(name: str, kind: str, sentence: str) -> Exception:
     batch; a broken GPU retires the worker; anything else fails the batch's jobs alone."""
     if kind == "oom":
         return torch.OutOfMemoryError(sentence)
+    if kind == "input":
+        return InputError(sentence)
     if kind == "fatal":
         return ReplicaLost(f"{name}'s GPU failed: {sentence}")
     return RuntimeError(f"{name}: {sentence}")
@@ -320,6 +324,9 @@ class _ChildPipe:
         except torch.OutOfMemoryError as error:
             torch.cuda.empty_cache()
             self.send(("error", "oom", str(error).splitlines()[0][:300]))
+            return True
+        except InputError as error:  # a LoRA the batch cannot use: its sentence is the answer
+            self.send(("error", "input", str(error)))
             return True
         except Exception as error:  # noqa: BLE001 - the worker decides what the job is told
             log.exception("a batch failed")

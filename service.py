@@ -45,6 +45,10 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError)
 
 
+def _is_input_error(error: BaseException) -> bool:
+    return isinstance(error, schema.InputError)
+
+
 def _leaves_gpu_unusable(error: BaseException) -> bool:
     """A CUDA error (not out-of-memory) poisons the CUDA context for the whole process; a lost
     or timed-out rank leaves the ranks unable to run a forward together; a lost replica
@@ -112,6 +116,7 @@ class EditService:
             is_fatal=_leaves_gpu_unusable,
             on_failure=on_broken,
             lanes=lanes,
+            is_shared=_is_input_error,  # a batch's LoRAs are every request's (they are in the key)
         )
 
     def _start(self, lane: int) -> None:
@@ -145,13 +150,26 @@ class EditService:
         self._prepare_default_loras(remote.prepare_loras)
         remote.ready.set()
 
+    def fetch_default_loras(self) -> None:
+        """Fetch and check the endpoint's own LoRAs (`LORAS`) before any job is taken: one that
+        cannot be had or used makes every job fail, so it is a `ConfigError` naming `LORAS[i]`."""
+        from config import ConfigError
+
+        if not self.default_loras:
+            return
+        try:
+            files = asyncio.run(self.lora_store.resolve(self.default_loras, setting=True))
+        except schema.InputError as error:
+            raise ConfigError(str(error)) from None
+        self.lora_store.release(files)
+
     def _prepare_default_loras(self, prepare: Callable[[tuple[AppliedLora, ...]], None]) -> None:
         """Fetch and load the endpoint's own LoRAs (`LORAS`), so that its first job does not wait."""
         if not self.default_loras:
             return
-        files = [self.lora_store.obtain(i, lora) for i, lora in enumerate(self.default_loras)]
+        files = [self.lora_store.obtain(i, lora, setting=True) for i, lora in enumerate(self.default_loras)]
         try:
-            prepare(_applied(files, self.default_loras))
+            prepare(_applied(files, self.default_loras, setting=True))
         finally:
             self.lora_store.release(files)
         log.info("LORAS ready: %s", ", ".join(lora.path for lora in self.default_loras))
@@ -280,7 +298,8 @@ class EditService:
                 "Input field 'loras' cannot be used with PRECISION_MODE=fp8 on this endpoint: its float8 "
                 "transformer does not take LoRA adapters; use an endpoint in bf16, 8bit or 4bit."
             )
-        return _applied(await self.lora_store.resolve(entries), entries)
+        setting = params.loras is None  # the endpoint's own
+        return _applied(await self.lora_store.resolve(entries, setting), entries, setting)
 
     def build_request(self, params: schema.EditInput, pictures: list, progress=None, loras=()) -> EditRequest:
         steps = params.num_inference_steps or self.settings.default_steps
@@ -348,8 +367,8 @@ class EditService:
             log.info("saved output image %s", path)
 
 
-def _applied(files: list, entries: list[schema.LoraInput]) -> tuple[AppliedLora, ...]:
-    return tuple(AppliedLora(file, entry.scale, i) for i, (file, entry) in enumerate(zip(files, entries)))
+def _applied(files: list, entries: list[schema.LoraInput], setting: bool = False) -> tuple[AppliedLora, ...]:
+    return tuple(AppliedLora(file, entry.scale, i, setting) for i, (file, entry) in enumerate(zip(files, entries)))
 
 
 def job_warnings(params: schema.EditInput, request: EditRequest, settings: Settings) -> list[str]:
@@ -373,6 +392,10 @@ def job_warnings(params: schema.EditInput, request: EditRequest, settings: Setti
         )
     if params.negative_prompt is not None and not request.do_cfg:
         notes.append("negative_prompt was not used: it takes effect only when true_cfg_scale is above 1.")
+    for lora in request.loras:
+        if lora.file.text_encoder_skipped:
+            notes.append(f"{'LORAS' if lora.setting else 'loras'}[{lora.index}] also holds text-encoder weights, which were not applied: this worker "
+                         "applies LoRAs to the transformer only.")  # fmt: skip
     return notes
 
 
