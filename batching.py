@@ -9,6 +9,9 @@ Semantics (the contract the handler and the tests rely on):
   waited `max_wait_s`. Of the ready groups, the one whose oldest request arrived first
   runs next, so no key starves. A batch takes requests of its key in arrival order while
   they fit; a single request larger than `max_batch_size` runs alone.
+- `batch_limit(request)`, if given, caps the target of the group whose oldest request is
+  `request` (the service: 1 for shapes where batching cannot pay, or whose batch graphs are
+  not compiled yet). A group whose target is 1 runs its oldest request at once, alone.
 - The target size is `max_batch_size` unless measurement says otherwise (`adaptive`):
   `CostModel` keeps, per key and batch size, the measured time per image of batches that
   several requests shared (their text is padded and masked, which costs) and of single
@@ -33,8 +36,9 @@ Semantics (the contract the handler and the tests rely on):
 - Every submitted request is answered exactly once (result, error, or cancellation).
 - `on_idle`, if given, runs on its lane's thread, one step at a time, only while no request
   is queued: work that can wait (compiling shapes no job has asked for yet) never delays a
-  job by more than the one step already running. It returns whether more steps remain; one
-  that raises stops the idle work.
+  job by more than the one step already running. It returns whether more steps remain; once
+  it says none, it is asked again after the lane's next batch (which may have brought some);
+  one that raises stops the idle work for good.
 - A broken worker fails fast: if any lane's `on_start` (model loading) raises, or a batch
   raises an error that `is_fatal` says leaves the process unusable (a CUDA error), every
   queued, running-elsewhere-and-finishing and later request gets that error at once,
@@ -196,6 +200,7 @@ class Batcher(Generic[Req, Res]):
         clock: Callable[[], float] = time.monotonic,
         lanes: Sequence[Lane] = (),
         is_shared: Callable[[BaseException], bool] = lambda error: False,
+        batch_limit: Callable[[Req], int] | None = None,
     ):
         """`run_batch`, `on_start` and `on_idle` make the one lane; or give `lanes` instead."""
         if max_batch_size < 1 or max_wait_s < 0:
@@ -203,13 +208,15 @@ class Batcher(Generic[Req, Res]):
         if bool(lanes) == (run_batch is not None):
             raise ValueError("give either run_batch or lanes")
         self.lanes = tuple(lanes) or (Lane(run_batch, on_start, on_idle),)
-        self._idle = [lane.on_idle for lane in self.lanes]  # set to None once a lane's idle work is done
+        self._idle = [lane.on_idle for lane in self.lanes]  # None while a lane has no idle work (until its next batch)
+        self._idle_failed: set[int] = set()  # lanes whose idle work raised: never asked again
         self._key = key
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._is_oom = is_out_of_memory
         self._is_fatal = is_fatal
         self._is_shared = is_shared
+        self._batch_limit = batch_limit
         self._on_failure = on_failure
         self.failure: WorkerBroken | None = None
         self._clock = clock
@@ -269,6 +276,8 @@ class Batcher(Generic[Req, Res]):
             if batch is None:
                 return
             self._run(batch, lane)
+            if lane not in self._idle_failed:
+                self._idle[lane] = self.lanes[lane].on_idle  # a batch can bring idle work (graphs its shape wants)
 
     def _fail(self, failure: WorkerBroken, batch: Sequence[_Item] = ()) -> None:
         """Answer the batch and everything queued with the worker's failure (the first one,
@@ -312,6 +321,7 @@ class Batcher(Generic[Req, Res]):
             more = self._idle[lane]()
         except Exception:  # noqa: BLE001 - idle work is optional; jobs must not pay for it
             log.exception("idle work failed; stopping it")
+            self._idle_failed.add(lane)
             more = False
         if not more:
             self._idle[lane] = None
@@ -323,7 +333,7 @@ class Batcher(Generic[Req, Res]):
             groups.setdefault(item.key, []).append(item)
         soonest = float("inf")
         for members in sorted(groups.values(), key=lambda g: g[0].arrived):
-            target = self._target(members[0].key)
+            target = self._target(members[0])
             batch = self._fill(members, target)
             deadline = members[0].arrived + self.max_wait_s
             if self._closing or sum(i.size for i in batch) >= target or now >= deadline:
@@ -331,12 +341,17 @@ class Batcher(Generic[Req, Res]):
             soonest = min(soonest, deadline - now)
         return [], soonest
 
-    def _target(self, key: Hashable) -> int:
-        return self.costs.target(key, self.max_batch_size) if self.costs else self.max_batch_size
+    def _target(self, head: _Item) -> int:
+        """The batch size to fill for `head`'s key: at most `batch_limit(head's request)`, and
+        no size measured slower than smaller ones (`CostModel.target`)."""
+        limit = self.max_batch_size
+        if self._batch_limit is not None:
+            limit = max(1, min(limit, self._batch_limit(head.request)))
+        return self.costs.target(head.key, limit) if self.costs else limit
 
     def _fill(self, members: list[_Item], target: int) -> list[_Item]:
-        if self.costs is not None and not self.costs.has_baseline(members[0].key):
-            return members[:1]  # measure a request alone first: the baseline batches must beat
+        if target == 1 or (self.costs is not None and not self.costs.has_baseline(members[0].key)):
+            return members[:1]  # alone; or measure a request alone first: the baseline batches must beat
         batch, used = [], 0
         for item in members:
             if batch and used + item.size > target:

@@ -8,8 +8,9 @@ than retiring a worker whose replacement would fail the same way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -59,26 +60,49 @@ def compile_transformer(pipe, settings: Settings) -> None:
     # active LoRA slots. Past dynamo's limit (8) a fullgraph compile fails the job outright.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     pipe.transformer.compile_repeated_blocks(fullgraph=True)
-    _text_length_dynamic(pipe.transformer)
+    sequences_dynamic(pipe.transformer)
     log.info("transformer blocks set up for torch.compile (regional); compiling on the warm-up edit")
 
 
-def _text_length_dynamic(transformer) -> None:
-    """Prompts have any length, so the blocks' first compile should be the graph every length
-    uses. Left to dynamo, the first length compiles a graph for itself alone and the second
-    compiles again with the length symbolic. The text's hidden states and rotary frequencies
-    are made before the blocks (`txt_in`, `pos_embed`), uncompiled; marking their text
-    dimension there gets the symbolic graph at once. `maybe_`: where something forces one
-    length, dynamo specialises as before instead of failing. Registered after
-    `rope_attention` and `context_parallel` replace `pos_embed`'s output, so that the tensors
-    marked are those the blocks receive."""
-    if getattr(transformer, "_dynamic_text_hooks", None) is not None:
+def sequences_dynamic(transformer) -> None:
+    """Prompts have any length and outputs and references any size, so the blocks' first
+    compile should be the graph every length uses. Left to dynamo, the first length compiles
+    a graph for itself alone and the second compiles again with the length symbolic. The
+    text's and the image's hidden states and rotary frequencies are made before the blocks
+    (`txt_in`, `img_in`, `pos_embed`), uncompiled; marking their sequence dimensions there
+    gets the symbolic graph at once, so that a new size compiles nothing. `maybe_`: where
+    something forces one length, dynamo specialises as before instead of failing. Registered
+    after `rope_attention` and `context_parallel` replace `pos_embed`'s output, so that the
+    tensors marked are those the blocks receive."""
+    if getattr(transformer, "_dynamic_sequence_hooks", None) is not None:
         return
     mark = torch._dynamo.maybe_mark_dynamic
-    transformer._dynamic_text_hooks = (
+
+    def frequencies(module, args, freqs):
+        mark(freqs[0], 0)  # the image's [S, ...]
+        mark(freqs[1], 0)  # the text's [L, ...]
+
+    transformer._dynamic_sequence_hooks = (
         transformer.txt_in.register_forward_hook(lambda module, args, text: mark(text, 1)),  # [B, L, D]
-        transformer.pos_embed.register_forward_hook(lambda module, args, freqs: mark(freqs[1], 0)),  # text's [L, ...]
+        transformer.img_in.register_forward_hook(lambda module, args, image: mark(image, 1)),  # [B, S, D]
+        transformer.pos_embed.register_forward_hook(frequencies),
     )
+
+
+def serve_compiled() -> None:
+    """From now on (the worker has said it is ready) a shape that no compiled graph covers
+    runs eagerly instead of compiling: a job never waits for a compile (15-30 s at 1024² on
+    an H200). The graphs that can wait are compiled while the GPU is idle (`compiling`)."""
+    torch.compiler.set_stance("eager_on_recompile")
+    log.info("serving: shapes without a compiled graph run eagerly; the rest compile while the GPU is idle")
+
+
+@contextlib.contextmanager
+def compiling() -> Iterator[None]:
+    """Compile what runs inside (a warm-up edit), whatever `serve_compiled` said; only on
+    the thread of the GPU it runs on, between that GPU's batches."""
+    with torch.compiler.set_stance("default"):
+        yield
 
 
 def uncompile(pipe) -> None:

@@ -35,6 +35,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
 )
 from PIL import Image
 
+import compilation
 from adapters import AdapterCache, AppliedLora, ready_slots
 from config import Settings
 from lora_files import LoraError
@@ -99,6 +100,11 @@ class _Plan:
     def key(self) -> tuple:
         return (self.width, self.height, self.reference_sizes)
 
+    @property
+    def image_tokens(self) -> int:
+        """The transformer's image tokens for one output image: its own and its references' (16x16 pixels each)."""
+        return sum(w * h for w, h in ((self.width, self.height), *self.reference_sizes)) // 256
+
 
 def round_to_multiple(side: int) -> int:
     return max(OUTPUT_MULTIPLE, side // OUTPUT_MULTIPLE * OUTPUT_MULTIPLE)
@@ -143,6 +149,10 @@ class _WarmUp:
     ready_slots: bool = False
 
     @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.images
+
+    @property
     def label(self) -> str:
         if self.text_tokens:
             return f" (random prompt embeddings of {self.text_tokens} tokens)"
@@ -150,8 +160,7 @@ class _WarmUp:
             return " (LoRA slots prepared, none on)"
         if self.slots:
             return f" ({self.slots} LoRA slots on)"
-        batch = len(self.prompts) * self.images
-        return f" (batch of {batch})" if batch > 1 else ""
+        return f" (batch of {self.batch})" if self.batch > 1 else ""
 
 
 class EditEngine:
@@ -160,6 +169,10 @@ class EditEngine:
         self._model = model
         self.default_output_area = settings.reference_image_area if settings.is_tiny else DEFAULT_OUTPUT_AREA
         self._idle_warm_ups: list[_WarmUp] = []
+        # Whether batches may form (`batch_limit`): set once the model serves (`start_serving`),
+        # and on a compiled model once the batch graphs are compiled too (`warm_up_idle`).
+        self._batch_graphs = False
+        self._batch_steps_queued = False  # `want_batch_graphs` has queued the batch warm-ups
         self._compiled_ahead = False
         self._prompt_side = SideStream("prompt-encoder")
         self._prompt_lock = threading.Lock()  # one prompt encoding at a time: the tokenizer is not thread-safe
@@ -189,7 +202,7 @@ class EditEngine:
         before the first job: two prompt lengths, so that later lengths reuse one
         dynamic-shape graph. What can wait is done afterwards, while the GPU is idle
         (`warm_up_idle`): the LoRA slots prepared and their graphs for none and 1 to
-        `MAX_LORAS` active slots compiled, then batches."""
+        `MAX_LORAS` active slots compiled, then batches, once a job could share one."""
         model = self._model()
         # After `compile_ahead` one edit is left to do: the text encoder's and the VAE's first run.
         for prompt in WARM_UP_PROMPTS[:1] if self._compiled_ahead else WARM_UP_PROMPTS:
@@ -197,7 +210,7 @@ class EditEngine:
         slots = [_WarmUp(slots=count) for count in range(1, model.lora_slot_count + 1)]
         if slots and not model.lora_slots:
             slots.insert(0, _WarmUp(ready_slots=True))
-        self._idle_warm_ups = slots + self._batch_warm_ups()
+        self._idle_warm_ups = slots  # batches' graphs: once a job could share a batch (`want_batch_graphs`)
 
     def compile_ahead(self, model: LoadedModel) -> None:
         """`warm_up`'s compiling, on a model whose text encoder is not loaded yet (`model_loader`
@@ -225,11 +238,44 @@ class EditEngine:
 
     def warm_up_idle(self) -> bool:
         """Run the next idle warm-up (one 1-step edit); whether more remain. A job that needs
-        a graph first compiles it as it runs."""
+        a graph not compiled yet runs without it (`compilation.serve_compiled`)."""
         if not self._idle_warm_ups:
             return False
-        self._warm_up_edit(self._model(), self._idle_warm_ups.pop(0))
+        step = self._idle_warm_ups.pop(0)
+        self._warm_up_edit(self._model(), step)
+        if self._batch_steps_queued and not any(s.batch > 1 for s in self._idle_warm_ups):
+            self._batch_graphs = True  # the batch warm-ups are done: batches may form
         return bool(self._idle_warm_ups)
+
+    def want_batch_graphs(self) -> None:
+        """Queue the batch warm-ups (`_batch_warm_ups`) for the GPU's next idle moments, once:
+        a worker whose jobs are all too large to share a batch (`batch_limit`) never spends
+        an idle moment, which a job arriving then would wait for, compiling them."""
+        if self._batch_steps_queued:
+            return
+        self._batch_steps_queued = True
+        steps = self._batch_warm_ups()
+        self._idle_warm_ups.extend(steps)
+        if not steps:
+            self._batch_graphs = True
+
+    def start_serving(self, model: LoadedModel) -> None:
+        """The model has started (and warmed up): an uncompiled one may batch from now on."""
+        if not model.compiled:
+            self._batch_graphs = True
+
+    def batch_limit(self, request: EditRequest) -> int:
+        """The most images a batch holding `request` may have (never loads the model: the
+        batcher asks while it forms batches). Batching pays only where one image leaves the
+        GPU waiting on the host: up to `BATCH_MAX_TOKENS` image tokens (larger ones run
+        alone, with nothing to try). On a compiled model, only once the batch graphs are
+        compiled (`warm_up_idle`): before, a batch would run uncompiled."""
+        if self.plan(request).image_tokens > self._settings.batch_max_tokens:
+            return 1
+        if not self._batch_graphs:
+            self.want_batch_graphs()
+            return 1
+        return self._settings.max_batch_size
 
     @property
     def warming_up(self) -> bool:
@@ -249,7 +295,7 @@ class EditEngine:
             ready_slots(model)
         adapters.use_slots(model, step.slots)  # whatever the slots hold: the output is not used
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), compilation.compiling():
                 self._run(model, edits)
         finally:
             adapters.use_slots(model, 0)  # the next batch sets its own

@@ -94,6 +94,7 @@ class EditService:
         self._start_lock = threading.Lock()
         self._encodes = 0
         self._serving: list[int] = []  # lanes whose replica has started, in the order they did
+        self.started = threading.Event()  # the first lane's model is loaded and warmed up: jobs run from now on
         # No lane serves before every replica is compiled; then nothing compiles any more.
         freeze = self._freeze_compiled if len(self.replicas) > 1 else None
         self._all_started = threading.Barrier(len(self.replicas), action=freeze)
@@ -117,6 +118,7 @@ class EditService:
             on_failure=on_broken,
             lanes=lanes,
             is_shared=_is_input_error,  # a batch's LoRAs are every request's (they are in the key)
+            batch_limit=self.engine.batch_limit,
         )
 
     def _start(self, lane: int) -> None:
@@ -131,10 +133,17 @@ class EditService:
                 if model.device.type == "cuda":
                     torch.cuda.set_device(model.device)  # this lane's thread works on its replica's GPU
                 compilation.warm_up(model, engine.warm_up)
+                if len(self.replicas) > 1:
+                    engine.want_batch_graphs()
                 while len(self.replicas) > 1 and self._warm_up_while_idle(lane):
                     pass  # replicas compile their LoRA slots and batches now: nothing may compile once they serve
+                engine.start_serving(model)
+                if model.compiled and len(self.replicas) == 1:
+                    compilation.serve_compiled()  # no job waits for a compile (several replicas: `_freeze_compiled`)
             self._all_started.wait()
             self._serving.append(lane)
+            if lane == 0:
+                self.started.set()
         except BaseException:
             self._all_started.abort()  # the other lanes stop waiting: the worker is broken
             raise
@@ -191,12 +200,12 @@ class EditService:
 
     @staticmethod
     def _freeze_compiled() -> None:
-        """Replicas: from now on, a shape no graph covers runs eagerly instead of compiling.
-        Compiling traces with `torch.nn.Module.__call__` patched for the whole process, which
-        breaks the modules other lanes are running meanwhile (seen on two H200s: "Detected
-        that you are using FX to symbolically trace a dynamo-optimized function")."""
-        torch.compiler.set_stance("eager_on_recompile")
-        log.info("replicas ready: shapes not compiled by now run eagerly")
+        """Replicas: from now on, a shape no graph covers runs eagerly instead of compiling
+        (`compilation.serve_compiled`), and nothing compiles while idle either: compiling
+        traces with `torch.nn.Module.__call__` patched for the whole process, which breaks
+        the modules other lanes are running meanwhile (seen on two H200s: "Detected that you
+        are using FX to symbolically trace a dynamo-optimized function")."""
+        compilation.serve_compiled()
 
     def _warm_up_while_idle(self, lane: int) -> bool:
         """The LoRA slots' and batches' graphs, one per step, when no job waits; whether more remain."""

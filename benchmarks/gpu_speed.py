@@ -42,6 +42,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import compilation  # noqa: E402
 import fp8  # noqa: E402
 import rope_attention  # noqa: E402
 from config import Settings  # noqa: E402
@@ -75,7 +76,10 @@ SCENARIOS = {
     "cfg1024": (1024, 2, 40, 4.0, False, "bf16"),
     "4bit1024": (1024, 2, 8, 1.0, True, "4bit"),
     "queue8": (1024, 8, 8, 1.0, True, "bf16"),  # 8 jobs queued at once: replicas' throughput
+    "small256": (256, 16, 8, 1.0, True, "bf16"),  # 256² outputs of 256² references: where batching pays
 }
+# REFERENCE_IMAGE_AREA of a scenario, where it is not the default 1024² (the stock pipeline's too).
+REFERENCE_AREA = {"small256": 256 * 256}
 
 
 DEVICE, DTYPE, INPUT_SIDE = torch.device("cuda"), torch.bfloat16, 1024
@@ -273,10 +277,12 @@ def run_variant(variant, name, pipe, models, settings, jobs, warm, count, refere
     else:
         service = EditService(settings, replicas=[Preloaded(m) for m in models])
         warm_start = time.perf_counter()
+        service.started.wait()  # as a worker that has finished its start-up (compiled ones: warmed up)
+        print(f"  {variant} {name}: start-up warm-up took {time.perf_counter() - warm_start:.0f} s", flush=True)
         # Untimed passes: compilation, then the batcher measuring one job alone and the batch
         # sizes it tries, so that the timed pass runs on what was learned, as a worker that
         # has been up for a while does.
-        for round_ in range(WARM_PASSES if settings.max_batch_size > 1 else 1):
+        for round_ in range(WARM_PASSES):
             _, _, results = worker_all_at_once(service, [dict(j, id=f"warm-{round_}-{k}") for k, j in enumerate(jobs)])
             print(f"  {variant} {name}: warm pass {round_ + 1}, each job's batch size: {[r['batch_size'] for r in results]}", flush=True)
         print(f"  {variant} {name}: warm-up (compile, cost learning) took {time.perf_counter() - warm_start:.0f} s", flush=True)
@@ -302,7 +308,8 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--tiny", action="store_true", help="smoke-test this script on CPU with the tiny model")
     parser.add_argument("--warm-passes", type=int, default=2, help="untimed passes over the jobs before B is timed")
-    parser.add_argument("--profile", help=f"instead: profile one compiled forward per variant ({', '.join(PROFILE_VARIANTS)})")
+    parser.add_argument("--profile", help=f"instead: profile one compiled forward per variant ({', '.join(PROFILE_VARIANTS)}; "
+                                          "with -dynamic, the text and image lengths symbolic, as the worker compiles them)")
     parser.add_argument("--profile-text", type=int, default=200, help="prompt tokens of the profiled forward")
     parser.add_argument("--stages", type=int, help="instead: cProfile the encode and decode stages over this many jobs")
     args = parser.parse_args()
@@ -323,9 +330,9 @@ def main() -> None:
         parser.error("list variants in this order: eager ones, compiled and cfgbatch, fp8, cudnn")
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    if args.tiny:
-        import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as stock_module
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as stock_module
 
+    if args.tiny:
         from tiny_model import build_tiny_pipeline
 
         global DEVICE, DTYPE, INPUT_SIDE
@@ -341,7 +348,8 @@ def main() -> None:
     if any(SCENARIOS[s][5] == "4bit" for s in scenarios):
         quantize_nf4(pipe)
         print(f"quantized to NF4: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
-    base_env = {"MODEL_ID": "tiny-random" if args.tiny else "real-size-random", "MAX_BATCH_SIZE": "8", "MAX_CONCURRENCY": "16", "BATCH_WAIT_MS": "50"}
+    base_env = {"MODEL_ID": "tiny-random" if args.tiny else "real-size-random", "MAX_BATCH_SIZE": "8", "MAX_CONCURRENCY": "16",
+                "BATCH_WAIT_MS": "50", "MODEL_DIR": str(Path(args.out) / "models") if args.tiny else "/tmp/gpu-speed-models"}  # fmt: skip
     rows, reference_images = [], {}
     compiled = quantized = False
     replicas = [pipe]  # more, one per further GPU, when the replicas variant first runs
@@ -353,22 +361,25 @@ def main() -> None:
             print(f"transformer in fp8: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
             quantized = True
         if variant.startswith(("compiled", "cfgbatch", "fp8", "replicas")) and not compiled:
-            pipe.transformer.compile_repeated_blocks(fullgraph=True)
+            compilation.compile_transformer(pipe, Settings.from_env(base_env))  # as the worker's loader compiles
             compiled = True
         if variant == "replicas" and len(replicas) == 1:
             for index in range(1, torch.cuda.device_count()):
                 replica = build_pipeline(torch.device("cuda", index))  # the same seed: the same weights
                 rope_attention.install(replica.transformer)
-                replica.transformer.compile_repeated_blocks(fullgraph=True)
+                compilation.compile_transformer(replica, Settings.from_env(base_env))
                 replicas.append(replica)
         env = dict(base_env, CFG_BATCHING=str(variant == "cfgbatch"),
                    MAX_BATCH_SIZE="1" if variant.endswith("-alone") or variant == "replicas" else base_env["MAX_BATCH_SIZE"],
                    ATTENTION_BACKEND="_native_cudnn" if variant.startswith("cudnn") else "native")  # fmt: skip
-        settings = Settings.from_env(env)
         if variant.startswith("cudnn"):
             pipe.transformer.set_attention_backend("_native_cudnn")
         for name in scenarios:
             side, count, steps, cfg, lightning, precision = SCENARIOS[name]
+            area = REFERENCE_AREA.get(name, 1024 * 1024)
+            settings = Settings.from_env(env if args.tiny else dict(env, REFERENCE_IMAGE_AREA=str(area)))
+            if not args.tiny:
+                stock_module.VAE_IMAGE_SIZE = area  # the stock pipeline's reference size, alike
             lanes = replicas if variant == "replicas" else [pipe]
             models = []
             for lane in lanes:
@@ -376,8 +387,8 @@ def main() -> None:
                     LIGHTNING_SCHEDULER_CONFIG if lightning else BASE_SCHEDULER_CONFIG
                 )
                 device = next(lane.transformer.parameters()).device
-                # Replicas compile at start, as the worker does (nothing compiles once they serve).
-                models.append(LoadedModel(lane, device, DTYPE, precision, lightning, "none", compiled=variant == "replicas"))
+                # Compiled variants warm up at start, as the worker does (`EditService` waits for it).
+                models.append(LoadedModel(lane, device, DTYPE, precision, lightning, "none", compiled=compiled))
             jobs = jobs_for(name)
             warm = dict(jobs[0], id="warm")
             try:
@@ -423,7 +434,7 @@ def profile_forwards(variants: list[str], text: int, tiny: bool, out: str) -> No
     against the eager bf16 forward of diffusers' own transformer on the same inputs."""
     import forward_profile
 
-    unknown = set(variants) - set(PROFILE_VARIANTS)
+    unknown = {v.removesuffix("-dynamic") for v in variants} - set(PROFILE_VARIANTS)
     if unknown:
         raise SystemExit(f"--profile takes {', '.join(PROFILE_VARIANTS)}; not {', '.join(sorted(unknown))}")
     device = torch.device("cpu" if tiny else "cuda")
@@ -437,7 +448,7 @@ def profile_forwards(variants: list[str], text: int, tiny: bool, out: str) -> No
         reference = transformer(**inputs)[0].float().cpu()
     summaries = {}
     for variant in variants:
-        kept, real_rope = PROFILE_VARIANTS[variant]
+        kept, real_rope = PROFILE_VARIANTS[variant.removesuffix("-dynamic")]
         del transformer
         torch._dynamo.reset()
         if not tiny:
@@ -448,6 +459,8 @@ def profile_forwards(variants: list[str], text: int, tiny: bool, out: str) -> No
         if kept is not None:
             fp8.quantize(transformer, kept)
         transformer.compile_repeated_blocks(fullgraph=True)
+        if variant.endswith("-dynamic"):  # the worker's graph: text and image lengths symbolic
+            compilation.sequences_dynamic(transformer)
         start = time.perf_counter()
         with torch.inference_mode():
             output = transformer(**inputs)[0].float().cpu()

@@ -428,3 +428,29 @@ def test_a_lane_that_cannot_load_its_model_retires_the_worker():
     batcher.close(5)
     assert isinstance(batcher.failure, WorkerBroken) and "GPU 1" in str(batcher.failure)
     assert result == "ok" or isinstance(result, WorkerBroken)
+
+
+def test_batch_limit_caps_each_keys_batches_and_a_limit_of_one_runs_at_once_alone():
+    """The service's `batch_limit`: 1 for shapes where batching cannot pay (they run at once,
+    alone, with nothing to wait for or try), more for small ones."""
+    engine = FakeEngine()
+    limits = {"large": 1, "small": 2, "blocker": 1}
+    batcher = Batcher(engine, key=lambda j: j.key, max_batch_size=4, max_wait_s=60, adaptive=False,
+                      batch_limit=lambda job: limits.get(job.key, 4))  # fmt: skip
+
+    async def scenario():
+        blocker = await hold_gpu(batcher, engine)
+        futures = [batcher.submit(Job(f"{key}{i}", key=key)) for i in range(3) for key in ("large", "small")]
+        engine.gate.set()
+        await blocker
+        await asyncio.gather(*futures[:-1])  # the last small one waits for a partner for 60 s: not awaited
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await batcher.submit(Job("large9", key="large"))  # a large job alone waits for nobody
+        return loop.time() - start
+
+    waited = run(scenario())
+    assert waited < 5
+    assert [b for b in engine.batches[1:] if b[0].startswith("large")] == [["large0"], ["large1"], ["large2"], ["large9"]]
+    assert ["small0", "small1"] in engine.batches
+    batcher.close(timeout=0)

@@ -139,9 +139,12 @@ def test_a_worker_on_the_same_volume_starts_from_the_compile_cache_the_last_one_
     assert results[0]["image"] == results[1]["image"]
 
 
-def test_after_the_idle_warm_ups_no_batch_size_compiles_on_a_job(tiny_env, tmp_path, monkeypatch):
+def test_after_the_idle_warm_ups_no_batch_size_output_size_or_reference_compiles_on_a_job(tiny_env, tmp_path, monkeypatch):
     """Dynamo specialises the batch dimension until it has seen two sizes above 1: the idle
-    warm-ups show it those, so the batcher's later batches of any size reuse their graphs."""
+    warm-ups show it those, so the batcher's later batches of any size reuse their graphs.
+    Outputs and references of any size the schema allows (sides that are odd multiples of 16
+    too), and 1-3 references, reuse them as well: the image's length is symbolic, as the
+    text's is."""
     from torch._dynamo.utils import counters
 
     from compilation import warm_up
@@ -154,6 +157,7 @@ def test_after_the_idle_warm_ups_no_batch_size_compiles_on_a_job(tiny_env, tmp_p
     holder = ModelHolder(settings)
     engine = EditEngine(settings, holder.get)
     warm_up(holder.get(), engine.warm_up)
+    engine.want_batch_graphs()  # as the batcher asks once a job could share a batch (`batch_limit`)
     assert engine.warming_up
     while engine.warm_up_idle():
         pass
@@ -169,6 +173,16 @@ def test_after_the_idle_warm_ups_no_batch_size_compiles_on_a_job(tiny_env, tmp_p
     engine.run_batch([edit(p) for p in prompts[1:3]])
     engine.run_batch([edit(prompts[0], images=2)])  # one request, two images: no mask
     engine.run_batch([edit("a prompt of yet another length")])
+
+    def sized(prompt: str, size: tuple[int, int], references: list[tuple[int, int]], images: int = 1) -> EditRequest:
+        pictures = tuple(random_image(w, h, seed=n) for n, (w, h) in enumerate(references))
+        return EditRequest(prompt=prompt, images=pictures, seed=1, num_inference_steps=1, true_cfg_scale=1.0,
+                           width=size[0], height=size[1], num_images=images)  # fmt: skip
+
+    engine.run_batch([sized("a", (80, 48), [(64, 64)])])
+    engine.run_batch([sized("make it blue", (112, 64), [(50, 90), (64, 64)], images=2)])
+    engine.run_batch([sized(p, (64, 96), [(96, 40), (64, 64), (30, 30)]) for p in ("x", "a longer prompt here", "yz")])
+    engine.run_batch([sized("one more length of prompt", (144, 144), [(128, 100)], images=3)])
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -321,3 +335,64 @@ def test_the_compile_workers_start_while_the_worker_still_imports_if_it_will_com
     done = subprocess.run([sys.executable, "-c", START_WORKERS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     expected = "WORKERS 1 cache exported before diffusers" if pools else "WORKERS 0 cache not exported before diffusers"
     assert expected in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+
+def test_a_queue_met_at_start_runs_on_compiled_graphs_only_and_batches_once_they_exist(tiny_env, tmp_path, monkeypatch):
+    """A RunPod worker starts because jobs are queued. Those jobs run alone, on the graph the
+    start-up compiled (the batch graphs are compiled only when the GPU is first idle): none
+    waits for a compile. Once the batch graphs exist, small jobs share batches."""
+    import asyncio
+    import time
+
+    from torch._dynamo.utils import counters
+
+    from engine import EditEngine
+    from service import EditService
+    from tests.test_handler import SAMPLE
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    settings = Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="0", MAX_BATCH_SIZE="4", BATCH_WAIT_MS="200"))
+    services, warm_up = [], EditEngine.warm_up
+
+    def warm_up_once_jobs_wait(engine):  # the queue is there before the worker is ready
+        deadline = time.monotonic() + 60
+        while not (services and services[0].batcher.queued >= 6) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        warm_up(engine)
+
+    monkeypatch.setattr(EditEngine, "warm_up", warm_up_once_jobs_wait)
+    service = EditService(settings)
+    services.append(service)
+    compiled_on_jobs = []
+    lane = service.batcher.lanes[0]
+
+    def counted(requests):
+        before = counters["stats"]["unique_graphs"]
+        try:
+            return lane.run_batch(requests)
+        finally:
+            compiled_on_jobs.append(counters["stats"]["unique_graphs"] - before)
+
+    service.batcher.lanes = (dataclasses.replace(lane, run_batch=counted),)
+
+    def jobs(count: int, prompt: str) -> list[dict]:
+        return [{"id": f"{prompt}-{k}", "input": {"prompt": f"{prompt} {'x ' * k}", "image_base64": SAMPLE, "seed": k,
+                                                  "num_inference_steps": 1, "width": 64, "height": 64}}  # fmt: skip
+                for k in range(count)]
+
+    async def burst(batch: list[dict]) -> list[dict]:
+        return await asyncio.gather(*(service.handle(j) for j in batch))
+
+    try:
+        queued = asyncio.run(burst(jobs(6, "queued")))
+        assert [a["batch_size"] for a in queued] == [1] * 6, queued
+        deadline = time.monotonic() + 240
+        while service.engine.warming_up and time.monotonic() < deadline:  # the batch graphs, while idle
+            time.sleep(0.1)
+        later = asyncio.run(burst(jobs(8, "later")))
+    finally:
+        service.close()
+    assert all("output_image_base64" in a for a in later)
+    assert max(a["batch_size"] for a in later) > 1
+    assert set(compiled_on_jobs) == {0}
