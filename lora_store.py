@@ -146,15 +146,21 @@ class LoraStore:
         return self._index
 
     def _cached(self, source: str) -> LoraFile | None:
-        """The kept file of `source`, counted as in use, if there is one."""
+        """The kept file of `source`, counted as in use, if there is one (and it still reads:
+        else it is fetched and checked again)."""
         with self._lock:
             sha = self._load_index().get(_source_key(source))
             path = self.root / f"{sha}.safetensors"
             if sha is None or not path.exists():
                 return None
             self._in_use[sha] = self._in_use.get(sha, 0) + 1  # before anything can evict it
+        try:
+            text_encoder = lora_files.holds_text_encoder_weights(path, "A kept LoRA")
+        except (InputError, OSError):
+            self.release([LoraFile(source, path, sha)])
+            return None
         os.utime(path)  # used now: last to be evicted
-        return LoraFile(source, path, sha, lora_files.holds_text_encoder_weights(path, "A kept LoRA"))
+        return LoraFile(source, path, sha, text_encoder)
 
     def _limit(self) -> float:
         return self.settings.lora_cache_gb * 1024**3
