@@ -158,9 +158,14 @@ def parse(job_input: Any, settings: Settings) -> EditInput:
         first = next((p for p in problems if p["type"] == "extra_forbidden"), problems[0])
         raise InputError(_sentence(first)) from None
     loras = params.loras or []
+    if loras and settings.max_loras == 0:
+        raise InputError("Input field 'loras' is not taken by this endpoint (MAX_LORAS=0); send no loras.")
     if len(loras) > settings.max_loras:
         raise InputError(f"Input field 'loras' holds {len(loras)} LoRAs; this endpoint allows at most {settings.max_loras} (MAX_LORAS).")
     for i, lora in enumerate(loras):
+        if lora.is_url and lora.weight_name is not None:
+            raise InputError(f"Input field 'loras[{i}].weight_name' picks a file in a Hugging Face repo; a URL names its "
+                             "file itself: send weight_name only with a repo id.")  # fmt: skip
         for j in range(i):
             if (lora.path, lora.weight_name) == (loras[j].path, loras[j].weight_name):
                 raise InputError(f"Input field 'loras[{i}].path' repeats loras[{j}]; give each LoRA once, with one scale.")

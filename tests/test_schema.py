@@ -155,3 +155,16 @@ def test_a_lone_surrogate_is_named_as_such():
     assert refused({"prompt": json.loads('"sky \\ud800"'), "image_url": URL}) == (
         "Input field 'prompt' is not valid Unicode text (it holds a lone surrogate escape); send UTF-8 text."
     )
+
+
+def test_loras_on_an_endpoint_that_takes_none_and_a_weight_name_beside_a_url_are_refused_in_a_sentence():
+    from dataclasses import replace
+
+    none_taken = replace(SETTINGS, max_loras=0)
+    with pytest.raises(InputError) as caught:
+        parse({"prompt": "p", "image_url": URL, "loras": [{"path": "owner/name"}]}, none_taken)
+    assert str(caught.value) == "Input field 'loras' is not taken by this endpoint (MAX_LORAS=0); send no loras."
+    lora = {"path": "https://example.com/style.safetensors", "weight_name": "other.safetensors"}
+    assert refused({"prompt": "p", "image_url": URL, "loras": [lora]}) == (
+        "Input field 'loras[0].weight_name' picks a file in a Hugging Face repo; a URL names its file itself: send "
+        "weight_name only with a repo id.")  # fmt: skip
