@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 
@@ -89,20 +89,12 @@ def sequences_dynamic(transformer) -> None:
     )
 
 
-def serve_compiled() -> None:
-    """From now on (the worker has said it is ready) a shape that no compiled graph covers
-    runs eagerly instead of compiling: a job never waits for a compile (15-30 s at 1024² on
-    an H200). The graphs that can wait are compiled while the GPU is idle (`compiling`)."""
-    torch.compiler.set_stance("eager_on_recompile")
-    log.info("serving: shapes without a compiled graph run eagerly; the rest compile while the GPU is idle")
-
-
-@contextlib.contextmanager
-def compiling() -> Iterator[None]:
-    """Compile what runs inside (a warm-up edit), whatever `serve_compiled` said; only on
-    the thread of the GPU it runs on, between that GPU's batches."""
-    with torch.compiler.set_stance("default"):
-        yield
+def serving(model) -> contextlib.AbstractContextManager:
+    """Around a batch of jobs (`EditEngine.run_batch`): on a compiled model, a shape that no
+    compiled graph covers runs eagerly instead of compiling, so that a job never waits for
+    a compile (15-30 s at 1024² on an H200). Graphs are compiled by the warm-ups alone: at
+    start, and while the GPU is idle."""
+    return torch.compiler.set_stance("eager_on_recompile") if model.compiled else contextlib.nullcontext()
 
 
 def uncompile(pipe) -> None:

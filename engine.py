@@ -238,7 +238,7 @@ class EditEngine:
 
     def warm_up_idle(self) -> bool:
         """Run the next idle warm-up (one 1-step edit); whether more remain. A job that needs
-        a graph not compiled yet runs without it (`compilation.serve_compiled`)."""
+        a graph not compiled yet runs without it (`compilation.serving`)."""
         if not self._idle_warm_ups:
             return False
         step = self._idle_warm_ups.pop(0)
@@ -295,7 +295,7 @@ class EditEngine:
             ready_slots(model)
         adapters.use_slots(model, step.slots)  # whatever the slots hold: the output is not used
         try:
-            with torch.inference_mode(), compilation.compiling():
+            with torch.inference_mode():
                 self._run(model, edits)
         finally:
             adapters.use_slots(model, 0)  # the next batch sets its own
@@ -331,7 +331,7 @@ class EditEngine:
         # Outside inference mode: weights swapped in under it become plain tensors, not
         # parameters, which the compiled blocks' guards see as a change (a recompilation).
         self._adapters(model).apply(model, requests[0].loras)
-        with torch.inference_mode():
+        with torch.inference_mode(), compilation.serving(model):  # no job waits for a compile
             return self._run(model, requests)
 
     def _run(self, model: LoadedModel, requests: Sequence[EditRequest]) -> list[EditResult]:

@@ -245,6 +245,8 @@ def _serve(settings: Settings, device: str, replica: int, conn) -> None:
     try:
         model = holder.get()
         compilation.warm_up(model, engine.warm_up)
+        engine.want_batch_graphs()  # the worker decides which jobs batch: this process compiles for them while idle
+        engine.start_serving(model)
     except Exception as error:  # noqa: BLE001 - one sentence to the worker, the details here
         log.exception("replica %d could not start", replica)
         conn.send(("failed", f"replica {replica} on {device} could not start: {compilation.first_line(error)}"))

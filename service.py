@@ -138,8 +138,6 @@ class EditService:
                 while len(self.replicas) > 1 and self._warm_up_while_idle(lane):
                     pass  # replicas compile their LoRA slots and batches now: nothing may compile once they serve
                 engine.start_serving(model)
-                if model.compiled and len(self.replicas) == 1:
-                    compilation.serve_compiled()  # no job waits for a compile (several replicas: `_freeze_compiled`)
             self._all_started.wait()
             self._serving.append(lane)
             if lane == 0:
@@ -200,12 +198,13 @@ class EditService:
 
     @staticmethod
     def _freeze_compiled() -> None:
-        """Replicas: from now on, a shape no graph covers runs eagerly instead of compiling
-        (`compilation.serve_compiled`), and nothing compiles while idle either: compiling
-        traces with `torch.nn.Module.__call__` patched for the whole process, which breaks
-        the modules other lanes are running meanwhile (seen on two H200s: "Detected that you
-        are using FX to symbolically trace a dynamo-optimized function")."""
-        compilation.serve_compiled()
+        """Replicas: from now on, a shape no graph covers runs eagerly instead of compiling,
+        in the warm-ups too (jobs never compile: `compilation.serving`). Compiling traces with
+        `torch.nn.Module.__call__` patched for the whole process, which breaks the modules
+        other lanes are running meanwhile (seen on two H200s: "Detected that you are using FX
+        to symbolically trace a dynamo-optimized function")."""
+        torch.compiler.set_stance("eager_on_recompile")
+        log.info("replicas ready: shapes not compiled by now run eagerly")
 
     def _warm_up_while_idle(self, lane: int) -> bool:
         """The LoRA slots' and batches' graphs, one per step, when no job waits; whether more remain."""
