@@ -134,6 +134,7 @@ WARM_UP_PROMPTS = ("warm up", "warm up the compiled transformer with a somewhat 
 # compiles nothing, unless something pinned the length, and then it compiles the graph
 # that other lengths use, at start rather than on a job.
 WARM_UP_TEXT_TOKENS = (200, 231)
+BATCH_WARM_UP_SIDE = 256  # only jobs this small share batches (`batch_limit`)
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,10 @@ class EditEngine:
             return False
         step = self._idle_warm_ups.pop(0)
         self._warm_up_edit(self._model(), step)
+        while step.batch > 1 and self._idle_warm_ups and self._idle_warm_ups[0].batch > 1:
+            # the batch graphs in one go: a job that comes meanwhile waits for them once, not once each
+            step = self._idle_warm_ups.pop(0)
+            self._warm_up_edit(self._model(), step)
         if self._batch_steps_queued and not any(s.batch > 1 for s in self._idle_warm_ups):
             self._batch_graphs = True  # the batch warm-ups are done: batches may form
         return bool(self._idle_warm_ups)
@@ -283,7 +288,8 @@ class EditEngine:
         return bool(self._idle_warm_ups)
 
     def _warm_up_edit(self, model: LoadedModel, step: _WarmUp) -> None:
-        side = round_to_multiple(int(self.default_output_area**0.5))
+        # Batches at a small size: the image's length is symbolic, so their graphs serve every size.
+        side = BATCH_WARM_UP_SIDE if step.batch > 1 else round_to_multiple(int(self.default_output_area**0.5))
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
         edits = [EditRequest(prompt=prompt, images=(image,), seed=0, num_inference_steps=1, num_images=step.images,
                              true_cfg_scale=self._settings.default_true_cfg_scale, width=side, height=side,
