@@ -174,6 +174,7 @@ class EditEngine:
         # and on a compiled model once the batch graphs are compiled too (`warm_up_idle`).
         self._batch_graphs = False
         self._batch_steps_queued = False  # `want_batch_graphs` has queued the batch warm-ups
+        self._batching_said: set[tuple] = set()  # shapes whose batching `batch_limit` has logged
         self._compiled_ahead = False
         self._prompt_side = SideStream("prompt-encoder")
         self._prompt_lock = threading.Lock()  # one prompt encoding at a time: the tokenizer is not thread-safe
@@ -275,7 +276,14 @@ class EditEngine:
         GPU waiting on the host: up to `BATCH_MAX_TOKENS` image tokens (larger ones run
         alone, with nothing to try). On a compiled model, only once the batch graphs are
         compiled (`warm_up_idle`): before, a batch would run uncompiled."""
-        if self.plan(request).image_tokens > self._settings.batch_max_tokens:
+        plan = self.plan(request)
+        alone = plan.image_tokens > self._settings.batch_max_tokens
+        if plan.key not in self._batching_said and len(self._batching_said) < 256:  # the decision per shape, once
+            self._batching_said.add(plan.key)
+            log.info("jobs of %dx%d with references %s (%d image tokens): %s", plan.width, plan.height,
+                     plan.reference_sizes, plan.image_tokens, "run alone (above BATCH_MAX_TOKENS)" if alone else
+                     f"may share batches of up to {self._settings.max_batch_size} images")  # fmt: skip
+        if alone:
             return 1
         if not self._batch_graphs:
             self.want_batch_graphs()
