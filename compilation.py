@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, TypeVar
+import threading
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -89,12 +90,44 @@ def sequences_dynamic(transformer) -> None:
     )
 
 
+class _ServingStance:
+    """The process-wide `eager_on_recompile` stance, held while any batch of jobs runs.
+
+    torch's stance is one global, and `set_stance` restores what it found: two batches that
+    overlap (replica lanes on threads, several services in one process) and end in the other
+    order would leave it on for good, so that the idle warm-ups could never compile again.
+    Counting the holders restores the stance found by the first once the last has ended."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._held: contextlib.AbstractContextManager | None = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if not self._holders:
+                self._held = torch.compiler.set_stance("eager_on_recompile")  # set now, restored on __exit__
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if not self._holders:
+                    self._held.__exit__(None, None, None)
+                    self._held = None
+
+
+_SERVING = _ServingStance()
+
+
 def serving(model) -> contextlib.AbstractContextManager:
     """Around a batch of jobs (`EditEngine.run_batch`): on a compiled model, a shape that no
     compiled graph covers runs eagerly instead of compiling, so that a job never waits for
     a compile (15-30 s at 1024² on an H200). Graphs are compiled by the warm-ups alone: at
     start, and while the GPU is idle."""
-    return torch.compiler.set_stance("eager_on_recompile") if model.compiled else contextlib.nullcontext()
+    return _SERVING() if model.compiled else contextlib.nullcontext()
 
 
 def uncompile(pipe) -> None:

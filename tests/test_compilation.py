@@ -396,3 +396,27 @@ def test_a_queue_met_at_start_runs_on_compiled_graphs_only_and_batches_once_they
     assert all("output_image_base64" in a for a in later)
     assert max(a["batch_size"] for a in later) > 1
     assert set(compiled_on_jobs) == {0}
+
+
+def test_batches_that_overlap_and_end_out_of_order_leave_compiling_on(tiny_env):
+    """Two lanes' batches (replicas on threads) overlap and the first to start ends first:
+    afterwards the idle warm-ups must still compile (the stance is one process global)."""
+    import torch
+
+    import compilation
+
+    model = type("Compiled", (), {"compiled": True})()
+    first, second = compilation.serving(model), compilation.serving(model)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    graphs: list[object] = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    torch.compile(lambda x: torch.sin(x) + 3, backend=counting)(torch.ones(2))
+    assert len(graphs) == 1
