@@ -18,6 +18,10 @@ RUN apt-get update \
     && python3 -m venv /opt/venv
 
 WORKDIR /app
+# MODEL_DIR's default in the container (without a network volume): its existence tells the
+# worker it runs in the image, where a local run would use the user's cache folder instead.
+RUN mkdir -p /models
+
 COPY requirements.txt .
 RUN pip install -r requirements.txt
 

@@ -24,6 +24,7 @@ RUNPOD_HF_CACHE = "/runpod-volume/huggingface-cache/hub"  # RunPod's model cache
 # Files baked into the image at build time (`./build.sh IMAGE TAG --bake-lightning 8`), in
 # huggingface_hub's cache layout: looked in after MODEL_DIR and RunPod's cache.
 IMAGE_HF_CACHE = "/app/hf-cache"
+CONTAINER_MODELS = "/models"  # made by the image (Dockerfile): the container's own disk
 CONTAINER_MODEL_DIR = "/models/qwen_image_edit_2509"
 VOLUME_MODEL_DIR_NAME = "qwen-edit-worker"
 STOCK_REFERENCE_AREA = 1024 * 1024  # what diffusers' pipeline encodes references at
@@ -123,7 +124,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: "Mapping[str, str] | _Env | None" = None, runpod_volume: str = RUNPOD_VOLUME) -> "Settings":
         env = environ if isinstance(environ, _Env) else _Env(os.environ if environ is None else environ)
-        model_id = env.text("MODEL_ID", cls.model_id)
+        model_id = _model_id(env.text("MODEL_ID", cls.model_id))
         steps = env.choice_int("LIGHTNING_STEPS", cls.lightning_steps, LIGHTNING_STEP_CHOICES)
         max_batch = env.integer("MAX_BATCH_SIZE", cls.max_batch_size, 1, 64)
         reference_default = TINY_REFERENCE_AREA if model_id == TINY_MODEL_ID else STOCK_REFERENCE_AREA
@@ -197,13 +198,33 @@ def _check_context_parallel(settings: Settings) -> None:
         raise ConfigError(f"GPU_PARALLELISM=context keeps every weight on the GPUs: CPU_OFFLOAD must be auto or none; got {settings.cpu_offload}.")
 
 
+def _model_id(value: str) -> str:
+    """MODEL_ID is the tiny model, a folder, or a Hugging Face repo id; a path that names no
+    folder would otherwise surface as huggingface_hub's validation traceback at start."""
+    if value == TINY_MODEL_ID or os.path.isdir(value):
+        return value
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise ConfigError(
+            f"MODEL_ID must be a Hugging Face repo id (owner/name) or an existing folder holding the pipeline; got {value!r}."
+        ) from None
+    return value
+
+
 def default_model_dir(runpod_volume: str = RUNPOD_VOLUME) -> str:
     """On the network volume when one is mounted, so that weights, LoRAs and the compile
     cache outlive the worker; else on the container disk. (RunPod's model cache lives under
-    the same path but is not a mount of it, so it does not count as a volume.)"""
+    the same path but is not a mount of it, so it does not count as a volume.) Outside the
+    image (a local run), in the user's cache folder rather than a new folder under `/`."""
     if os.path.ismount(runpod_volume):
         return os.path.join(runpod_volume, VOLUME_MODEL_DIR_NAME)
-    return CONTAINER_MODEL_DIR
+    if os.path.isdir(CONTAINER_MODELS):
+        return os.path.join(CONTAINER_MODELS, os.path.basename(CONTAINER_MODEL_DIR))
+    return os.path.join(os.path.expanduser("~"), ".cache", VOLUME_MODEL_DIR_NAME)
 
 
 def _on_another_filesystem(path: str, local: str) -> bool:

@@ -88,6 +88,7 @@ def nvidia_driver_version(version_file: Path = NVIDIA_DRIVER_VERSION_FILE) -> st
 def check_precision_supported(settings: Settings, device: torch.device) -> None:
     mode = settings.precision_mode
     if settings.uses_bitsandbytes and device.type != "cuda":
-        raise DeviceError(f"PRECISION_MODE={mode} needs a CUDA GPU (bitsandbytes); use bf16 here.")
+        raise DeviceError(f"PRECISION_MODE={mode} needs a CUDA GPU (bitsandbytes) and this worker has none; use bf16 here.")
     if mode == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY):
-        raise DeviceError("PRECISION_MODE=fp8 needs a GPU with float8 support (Ada or Hopper, e.g. L40S, H100); use bf16.")
+        gpu = "this worker has no CUDA GPU" if device.type != "cuda" else f"{torch.cuda.get_device_name(device)} has none"
+        raise DeviceError(f"PRECISION_MODE=fp8 needs a GPU with float8 units (Ada or Hopper, e.g. L40S, H100) and {gpu}; use bf16.")

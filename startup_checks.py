@@ -12,6 +12,7 @@ import os
 import tempfile
 import urllib.parse
 
+import devices
 import gpus
 import schema
 from config import ConfigError, Settings
@@ -21,14 +22,26 @@ log = logging.getLogger("qwen_edit_worker.startup")
 
 
 def run(settings: Settings) -> None:
-    check_save_output_dir(settings)
+    check_device(settings)
+    check_writable("MODEL_DIR", settings.model_dir)  # downloads, the LoRA cache, the compile cache
+    check_writable("SAVE_OUTPUT_DIR", settings.save_output_dir)
     check_bucket(settings)
     schema.default_loras(settings)  # LORAS entries are valid LoRA entries (fetched at start)
     gpus.check_gpu_count(settings)
 
 
-def check_save_output_dir(settings: Settings) -> None:
-    folder = settings.save_output_dir
+def check_device(settings: Settings) -> None:
+    """The GPU that the model and PRECISION_MODE need. Found only when the model loads, a
+    missing one failed each job taken meanwhile with "retry", and RunPod replaced the worker
+    with one that failed the same way."""
+    try:
+        device, _ = devices.resolve_device_and_dtype(settings)
+        devices.check_precision_supported(settings, device)
+    except devices.DeviceError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_writable(variable: str, folder: str) -> None:
     if not folder:
         return
     try:
@@ -36,7 +49,7 @@ def check_save_output_dir(settings: Settings) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as error:
-        raise ConfigError(f"SAVE_OUTPUT_DIR {folder!r} cannot be written ({error.strerror or 'not a folder'}).") from None
+        raise ConfigError(f"{variable} {folder!r} cannot be written ({error.strerror or 'not a folder'}).") from None
 
 
 def check_bucket(settings: Settings) -> None:

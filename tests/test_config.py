@@ -14,10 +14,20 @@ from config import ConfigError, Settings, default_lightning_weight, export_libra
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_defaults_are_the_documented_ones():
+@pytest.fixture
+def in_the_image(tmp_path, monkeypatch):
+    """The image's `/models` folder (the Dockerfile makes it), here under tmp_path."""
+    import config
+
+    monkeypatch.setattr(config, "CONTAINER_MODELS", str(tmp_path / "models"))
+    (tmp_path / "models").mkdir()
+    return tmp_path / "models"
+
+
+def test_defaults_are_the_documented_ones(in_the_image):
     s = Settings.from_env({}, runpod_volume="/nonexistent")
     assert s.model_id == "Qwen/Qwen-Image-Edit-2509"
-    assert s.model_dir == "/models/qwen_image_edit_2509"
+    assert s.model_dir == str(in_the_image / "qwen_image_edit_2509")
     assert (s.precision_mode, s.use_lightning_lora, s.lightning_steps) == ("bf16", True, 8)
     assert s.lightning_repo == "lightx2v/Qwen-Image-Lightning"
     assert s.lightning_weight_name == "Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-8steps-V1.0-bf16.safetensors"
@@ -29,12 +39,28 @@ def test_defaults_are_the_documented_ones():
     assert (s.gpu_parallelism, s.gpu_count, s.replica_processes) == ("auto", 0, True)
 
 
-def test_model_dir_defaults_to_the_network_volume_when_one_is_mounted(tmp_path):
+def test_model_dir_defaults_to_the_network_volume_when_one_is_mounted(tmp_path, in_the_image):
     # /proc is a mount point on every Linux machine: it stands for a mounted /runpod-volume.
     assert Settings.from_env({}, runpod_volume="/proc").model_dir == "/proc/qwen-edit-worker"
     # A plain directory (RunPod's model cache alone creates /runpod-volume/huggingface-cache) is no volume.
-    assert Settings.from_env({}, runpod_volume=str(tmp_path)).model_dir == "/models/qwen_image_edit_2509"
+    assert Settings.from_env({}, runpod_volume=str(tmp_path)).model_dir == str(in_the_image / "qwen_image_edit_2509")
     assert Settings.from_env({"MODEL_DIR": "/data/m"}, runpod_volume="/proc").model_dir == "/data/m"
+
+
+def test_a_local_run_outside_the_image_keeps_the_model_in_the_users_cache_folder(tmp_path, monkeypatch):
+    """Not in a new folder under `/`: created silently as root, refused to anyone else."""
+    import config
+
+    monkeypatch.setattr(config, "CONTAINER_MODELS", str(tmp_path / "no-such-folder"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert Settings.from_env({}, runpod_volume="/nonexistent").model_dir == str(tmp_path / "home/.cache/qwen-edit-worker")
+
+
+def test_model_id_must_be_a_folder_or_a_hub_repo_id(tmp_path):
+    with pytest.raises(ConfigError, match=r"^MODEL_ID must be a Hugging Face repo id \(owner/name\) or an existing folder"):
+        Settings.from_env({"MODEL_ID": str(tmp_path / "no/such/model")})
+    assert Settings.from_env({"MODEL_ID": str(tmp_path)}).model_id == str(tmp_path)
+    assert Settings.from_env({"MODEL_ID": "someone/their-edit-model"}).model_id == "someone/their-edit-model"
 
 
 def test_lightning_steps_choose_the_weight_file_and_defaults():

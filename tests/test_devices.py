@@ -50,3 +50,34 @@ def test_an_old_driver_is_named_with_the_version_this_torch_needs(tmp_path, monk
 
 def test_the_tiny_model_still_runs_on_a_cpu(base_holder):
     assert base_holder.get().device.type in ("cpu", "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+@pytest.mark.parametrize("env, sentence", [
+    ({"PRECISION_MODE": "fp8"}, "PRECISION_MODE=fp8 needs a GPU with float8 units (Ada or Hopper, e.g. L40S, H100) "
+                                "and this worker has no CUDA GPU; use bf16."),
+    ({"MODEL_ID": "Qwen/Qwen-Image-Edit-2509"}, "No CUDA GPU is visible to this worker"),
+])  # fmt: skip
+def test_a_worker_that_cannot_run_its_precision_or_model_takes_no_job_and_exits_with_a_sentence(tiny_env, tmp_path,
+                                                                                              env, sentence):
+    """Started as RunPod starts it, with jobs queued: before, it took them, failed each with
+    "retry" and `refresh_worker` when the model load found no GPU, and RunPod replaced it with a
+    worker that did the same."""
+    from tests.runpod_standin import RunPodStandIn
+    from tests.test_runpod_worker import good_job, start_worker
+
+    standin = RunPodStandIn()
+    standin.add_jobs([good_job(0), good_job(1)])
+    log_path = tmp_path / "worker.log"
+    try:
+        proc = start_worker(standin, tiny_env, log_path, **env)
+        try:
+            code = proc.wait(timeout=50)
+        finally:
+            proc.kill()
+    finally:
+        standin.close()
+    output = log_path.read_text()
+    assert code == 1, output[-3000:]
+    assert f"qwen-edit-worker: invalid configuration: {sentence}" in output
+    assert "Traceback" not in output and standin.taken == []

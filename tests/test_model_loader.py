@@ -194,7 +194,7 @@ def test_lora_is_found_in_model_dir_before_any_download(tmp_path, tiny_settings)
 
 def test_fp8_needs_a_float8_gpu(tmp_path):
     settings = Settings.from_env({"MODEL_ID": "tiny-random", "MODEL_DIR": str(tmp_path), "PRECISION_MODE": "fp8"})
-    with pytest.raises(RuntimeError, match="PRECISION_MODE=fp8 needs a GPU with float8 support"):
+    with pytest.raises(RuntimeError, match="PRECISION_MODE=fp8 needs a GPU with float8 units"):
         load_model(settings)
 
 

@@ -152,3 +152,13 @@ def test_an_upload_that_fails_mid_job_is_a_sentence_without_credentials(tiny_env
                                       "http://127.0.0.1:")  # fmt: skip
     assert result["error"].endswith("could not be reached; retry the job.")
     assert "pa55word" not in result["error"] and "admin" not in result["error"]
+
+
+def test_a_model_folder_under_a_file_stops_the_start_with_a_sentence(tiny_env, tmp_path):
+    import startup_checks
+    from config import ConfigError, Settings
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match=rf"^MODEL_DIR '{a_file}/models' cannot be written \(Not a directory\)\.$"):
+        startup_checks.run(Settings.from_env(tiny_env(MODEL_DIR=str(a_file / "models"))))
