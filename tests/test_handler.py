@@ -71,31 +71,70 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_rp_serve_api_answers_runsync(tiny_env):
+@pytest.fixture(scope="module")
+def local_api(tiny_env):
+    """`handler.py --rp_serve_api` on a free port, images from loopback allowed: its URL."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port)],
-        cwd=ROOT, env=worker_env(tiny_env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, env=worker_env(tiny_env, ALLOW_PRIVATE_IMAGE_URLS="true"), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        job = {"input": {"prompt": "x", "image_base64": SAMPLE, "seed": 7, "num_inference_steps": 1, "output_format": "jpeg"}}
-        body = None
-        deadline = time.monotonic() + 180
-        while body is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
             try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/runsync", data=json.dumps(job).encode(),
-                                                 headers={"Content-Type": "application/json"})  # fmt: skip
-                body = json.loads(urllib.request.urlopen(request, timeout=60).read())
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
             except OSError:
-                time.sleep(0.5)
-        assert body is not None, "the local API never answered"
-        output = body["output"]
-        assert output["seed"] == 7 and output["output_format"] == "jpeg"
-        assert decoded(output["output_image_base64"]).format == "JPEG"
+                time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         code = proc.wait(30)
     assert code == 0  # SIGTERM ends the local API cleanly, not by the signal (-15)
+
+
+def test_rp_serve_api_answers_runsync(local_api):
+    job = {"input": {"prompt": "x", "image_base64": SAMPLE, "seed": 7, "num_inference_steps": 1, "output_format": "jpeg"}}
+    body = None
+    deadline = time.monotonic() + 180
+    while body is None and time.monotonic() < deadline:
+        try:
+            request = urllib.request.Request(f"{local_api}/runsync", data=json.dumps(job).encode(),
+                                             headers={"Content-Type": "application/json"})  # fmt: skip
+            body = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        except OSError:
+            time.sleep(0.5)
+    assert body is not None, "the local API never answered"
+    output = body["output"]
+    assert output["seed"] == 7 and output["output_format"] == "jpeg"
+    assert decoded(output["output_image_base64"]).format == "JPEG"
+
+
+def readme_python_client() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Calling the endpoint"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
+
+
+def test_the_readmes_python_client_works_against_the_local_api_server(local_api, tmp_path):
+    """As written, but for the two example.com image URLs, served here from loopback."""
+    from tests.image_server import ImageServer
+
+    client = readme_python_client()
+    images = ImageServer()
+    images.serve_bytes("/person.jpg", base64.b64decode(SAMPLE))
+    images.serve_bytes("/hat.png", base64.b64decode(HAT))
+    client = client.replace("https://example.com/person.jpg", images.url("/person.jpg"))
+    client = client.replace("https://example.com/hat.png", images.url("/hat.png"))
+    try:
+        done = subprocess.run([sys.executable, "-c", client], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                              env={**os.environ, "ENDPOINT_URL": local_api})  # fmt: skip
+    finally:
+        images.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edit-0.png", "edit-1.png"]
 
 
 def test_service_answers_every_documented_field(tiny_settings, base_holder):
