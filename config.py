@@ -145,7 +145,7 @@ class Settings:
             batch_cfg=env.boolean("CFG_BATCHING", cls.batch_cfg),
             compile_transformer=env.auto_boolean("COMPILE_TRANSFORMER"),
             compile_while_loading=env.boolean("COMPILE_WHILE_LOADING", cls.compile_while_loading),
-            max_concurrency=env.integer("MAX_CONCURRENCY", 2 * max_batch, 1, 256),
+            max_concurrency=env.integer("MAX_CONCURRENCY", 2 * max_batch, 1, 256, derived=True),
             max_batch_size=max_batch,
             batch_wait_ms=env.integer("BATCH_WAIT_MS", cls.batch_wait_ms, 0, 10_000),
             batch_max_tokens=env.integer("BATCH_MAX_TOKENS", cls.batch_max_tokens, 0, 1_000_000),
@@ -248,6 +248,10 @@ def compile_cache_dir(settings: Settings) -> str:
     return os.path.join(settings.model_dir, "torchinductor")
 
 
+# Variables that libraries read themselves, offered to deployers beside the worker's own.
+LIBRARY_VARIABLES = ("HF_TOKEN",)  # huggingface_hub: gated or private models and LoRAs
+
+
 def export_library_settings(settings: Settings) -> None:
     """Environment that libraries read themselves: torch.compile's cache directory. A cache
     directory the user chose is kept; torch's own default is not a choice (importing diffusers
@@ -295,6 +299,7 @@ class VariableSpec:
     kind: str  # "string", "boolean" or "number", as RunPod's Hub names input types
     default: object
     choices: tuple | Callable[[], tuple] = ()  # the values allowed, for a choice (a callable: looked up when asked)
+    derived: bool = False  # the default follows other variables: a manifest must not fix it
 
     @property
     def options(self) -> tuple:
@@ -316,8 +321,9 @@ class _Env:
     def names(self) -> list[str]:
         return list(self.specs)
 
-    def _raw(self, name: str, kind: str = "string", default: object = "", options: tuple | Callable[[], tuple] = ()) -> str | None:
-        self.specs[name] = VariableSpec(kind, default, options)
+    def _raw(self, name: str, kind: str = "string", default: object = "", options: tuple | Callable[[], tuple] = (),
+             derived: bool = False) -> str | None:  # fmt: skip
+        self.specs[name] = VariableSpec(kind, default, options, derived)
         value = self._environ.get(name)
         return None if value is None or value.strip() == "" else value.strip()
 
@@ -375,8 +381,8 @@ class _Env:
             raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}; got {raw!r}.")
         return int(raw)
 
-    def integer(self, name: str, default: int, low: int, high: int) -> int:
-        raw = self._raw(name, "number", default)
+    def integer(self, name: str, default: int, low: int, high: int, derived: bool = False) -> int:
+        raw = self._raw(name, "number", default, derived=derived)
         if raw is None:
             return default
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import schema
-from config import Settings, variable_names, variable_specs
+from config import LIBRARY_VARIABLES, Settings, variable_names, variable_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_PACKAGES = {"torch", "torchvision", "diffusers", "transformers", "accelerate", "peft", "bitsandbytes",
@@ -84,10 +84,13 @@ def hub_manifest() -> dict:
 def test_hub_offers_every_variable_with_configs_type_default_and_options():
     specs = variable_specs()
     entries = {entry["key"]: entry["input"] for entry in hub_manifest()["config"]["env"]}
-    assert sorted(entries) == sorted(specs)
+    assert sorted(entries) == sorted([*specs, *LIBRARY_VARIABLES])
     for name, spec in specs.items():
         entry = entries[name]
         assert entry["type"] == spec.kind, name
+        if spec.derived:  # MAX_CONCURRENCY follows MAX_BATCH_SIZE: a fixed default would undo that
+            assert "default" not in entry, name
+            continue
         # An empty string leaves the choice to the worker (MODEL_DIR follows the volume).
         assert entry["default"] == spec.default or (spec.kind == "string" and entry["default"] == ""), name
         if spec.options and name != "ATTENTION_BACKEND":  # diffusers has 30 backends; the hub names a few
