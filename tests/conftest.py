@@ -48,3 +48,11 @@ def engine(tiny_settings, base_holder) -> EditEngine:
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="session")
+def inductor_cache(tmp_path_factory) -> str:
+    """One torch.compile cache for the tests whose subject is not the cache itself: the tiny
+    model's graphs compile once per session (C++ kernels take most of a CPU compile), and a
+    hit changes how long a compile takes, never what dynamo counts or what the model gives."""
+    return str(tmp_path_factory.mktemp("inductor"))

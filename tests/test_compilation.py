@@ -64,8 +64,8 @@ def test_without_a_compiler_context_mode_ranks_fall_back_to_eager_together(tiny_
     assert np.abs(pixels - eager_pixels).max() <= 1  # split attention sums in another order
 
 
-def test_with_a_compiler_the_transformer_is_compiled_and_matches_eager(tiny_env, tmp_path, eager_pixels):
-    env = worker_env(tiny_env, COMPILE_TRANSFORMER="true", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+def test_with_a_compiler_the_transformer_is_compiled_and_matches_eager(inductor_cache, tiny_env, tmp_path, eager_pixels):
+    env = worker_env(tiny_env, COMPILE_TRANSFORMER="true", TORCHINDUCTOR_CACHE_DIR=inductor_cache)
     log, pixels = run_job(env, tmp_path, "compiled")
     assert FALLBACK not in log
     assert "warm-up edit took" in log and any((tmp_path / "inductor").iterdir())
@@ -139,7 +139,7 @@ def test_a_worker_on_the_same_volume_starts_from_the_compile_cache_the_last_one_
     assert results[0]["image"] == results[1]["image"]
 
 
-def test_after_the_idle_warm_ups_no_batch_size_output_size_or_reference_compiles_on_a_job(tiny_env, tmp_path, monkeypatch):
+def test_after_the_idle_warm_ups_no_batch_size_output_size_or_reference_compiles_on_a_job(inductor_cache, tiny_env, tmp_path, monkeypatch):
     """Dynamo specialises the batch dimension until it has seen two sizes above 1: the idle
     warm-ups show it those, so the batcher's later batches of any size reuse their graphs.
     Outputs and references of any size the schema allows (sides that are odd multiples of 16
@@ -152,7 +152,7 @@ def test_after_the_idle_warm_ups_no_batch_size_output_size_or_reference_compiles
     from model_loader import ModelHolder
     from tests.conftest import random_image
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
     settings = Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="0", MAX_BATCH_SIZE="4"))
     holder = ModelHolder(settings)
     engine = EditEngine(settings, holder.get)
@@ -186,7 +186,7 @@ def test_after_the_idle_warm_ups_no_batch_size_output_size_or_reference_compiles
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_the_transformer_compiles_before_the_text_encoder_loads_and_the_warm_up_adds_no_graph(tiny_env, tmp_path,
+def test_the_transformer_compiles_before_the_text_encoder_loads_and_the_warm_up_adds_no_graph(inductor_cache, tiny_env, tmp_path,
                                                                                                monkeypatch):  # fmt: skip
     """On a cold worker the compile overlaps with reading the text encoder's 16.6 GB: the loader
     compiles with random prompt embeddings first, and those graphs serve the real prompts."""
@@ -199,7 +199,7 @@ def test_the_transformer_compiles_before_the_text_encoder_loads_and_the_warm_up_
     from engine import EditEngine
     from model_loader import ModelHolder
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
     torch._dynamo.reset()  # no graph from earlier tests: the compile ahead must compile its own
     settings = Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="1", USE_LIGHTNING_LORA="true"))
     seen = {}
@@ -222,7 +222,7 @@ def test_the_transformer_compiles_before_the_text_encoder_loads_and_the_warm_up_
     assert counters["stats"]["unique_graphs"] == seen["graphs"]  # the real prompts' lengths reuse those graphs
 
 
-def test_the_first_compile_serves_every_text_length(tiny_env, tmp_path, monkeypatch):
+def test_the_first_compile_serves_every_text_length(inductor_cache, tiny_env, tmp_path, monkeypatch):
     """Prompts have any length. The first warm-up compiles the graph that every length uses:
     a second length, and a third, compile nothing (left to dynamo, the first length got a
     graph of its own and the second compiled again)."""
@@ -232,7 +232,7 @@ def test_the_first_compile_serves_every_text_length(tiny_env, tmp_path, monkeypa
     from engine import EditEngine, _WarmUp
     from model_loader import ModelHolder
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
     torch._dynamo.reset()
     settings = Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="0", COMPILE_WHILE_LOADING="false"))
     holder = ModelHolder(settings)
@@ -247,7 +247,7 @@ def test_the_first_compile_serves_every_text_length(tiny_env, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("slots", ["0", "1"])
-def test_compiling_while_loading_leaves_the_real_transformer_no_graph_to_compile(tiny_env, tmp_path, monkeypatch, slots):
+def test_compiling_while_loading_leaves_the_real_transformer_no_graph_to_compile(inductor_cache, tiny_env, tmp_path, monkeypatch, slots):
     """COMPILE_WHILE_LOADING: the warm-ups run on a one-block stand-in while a thread reads the
     weights; the loaded transformer's blocks find those graphs. Without the stand-in (the
     control) the same warm-ups do compile, so the count can tell."""
@@ -261,7 +261,7 @@ def test_compiling_while_loading_leaves_the_real_transformer_no_graph_to_compile
     from engine import EditEngine
     from model_loader import ModelHolder
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
     compiled_on = {}
 
     def start(stand_in: bool):
@@ -338,7 +338,7 @@ def test_the_compile_workers_start_while_the_worker_still_imports_if_it_will_com
 
 
 
-def test_a_queue_met_at_start_runs_on_compiled_graphs_only_and_batches_once_they_exist(tiny_env, tmp_path, monkeypatch):
+def test_a_queue_met_at_start_runs_on_compiled_graphs_only_and_batches_once_they_exist(inductor_cache, tiny_env, tmp_path, monkeypatch):
     """A RunPod worker starts because jobs are queued. Those jobs run alone, on the graph the
     start-up compiled (the batch graphs are compiled only when the GPU is first idle): none
     waits for a compile. Once the batch graphs exist, small jobs share batches."""
@@ -351,7 +351,7 @@ def test_a_queue_met_at_start_runs_on_compiled_graphs_only_and_batches_once_they
     from service import EditService
     from tests.test_handler import SAMPLE
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
     settings = Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="0", MAX_BATCH_SIZE="4", BATCH_WAIT_MS="200"))
     services, warm_up = [], EditEngine.warm_up
 

@@ -96,7 +96,7 @@ def _service_job(job_id: str, prompt: str) -> dict:
 
 
 @pytest.mark.parametrize("compiled", ["false", "true"], ids=["eager", "compiled"])
-def test_context_mode_gives_one_process_pixels_and_a_lost_rank_retires_the_worker(tiny_env, tmp_path, monkeypatch, compiled,
+def test_context_mode_gives_one_process_pixels_and_a_lost_rank_retires_the_worker(inductor_cache, tiny_env, tmp_path, monkeypatch, compiled,
                                                                                  caplog):  # fmt: skip
     import asyncio
     import time
@@ -105,7 +105,7 @@ def test_context_mode_gives_one_process_pixels_and_a_lost_rank_retires_the_worke
     from service import EditService
     from tests.test_loras import pixels
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
     env = tiny_env(MAX_LORAS="0", MAX_BATCH_SIZE="1", COMPILE_TRANSFORMER=compiled)
     jobs = [_service_job("short", "blue"), _service_job("long", "make the sky a deep blue with a few clouds")]
     alone = EditService(Settings.from_env(env))
@@ -229,9 +229,10 @@ def test_context_mode_refuses_what_it_does_not_take_yet(tiny_env):
     assert Settings.from_env(tiny_env(GPU_PARALLELISM="context")).gpu_parallelism == "context"
 
 
-def test_context_mode_applies_per_request_loras_as_one_process(tiny_env, tmp_path, monkeypatch):
+def test_context_mode_applies_per_request_loras_as_one_process(inductor_cache, tiny_env, tmp_path, monkeypatch):
     """Every rank makes rank 0's LoRA changes itself (hot-swapped into the compiled slots, as on
-    a GPU): the same images as one process."""
+    a GPU): the same images as one process (uncompiled there: diffusers' own LoRA loading, which
+    the slots must match anyway)."""
     import asyncio
 
     from config import Settings
@@ -240,7 +241,7 @@ def test_context_mode_applies_per_request_loras_as_one_process(tiny_env, tmp_pat
     from tests.test_loras import job, low_rank, pixels, written
     from tiny_model import build_tiny_pipeline
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
     server = ImageServer()
     pipe = build_tiny_pipeline()
     server.serve_bytes("/one.safetensors", written(low_rank(pipe, seed=3), "lightx2v"))
@@ -248,7 +249,8 @@ def test_context_mode_applies_per_request_loras_as_one_process(tiny_env, tmp_pat
     one = [{"path": server.url("/one.safetensors"), "scale": 1.5}]
     both = [{"path": server.url("/two.safetensors")}, {"path": server.url("/one.safetensors"), "scale": -0.5}]
     jobs = [job(one, seed=1), job(both, seed=2), job(seed=1), job(one, seed=1)]  # the LoRA off, then on again
-    env = tiny_env(MAX_BATCH_SIZE="1", ALLOW_PRIVATE_IMAGE_URLS="true", COMPILE_TRANSFORMER="true", MODEL_DIR=str(tmp_path))
+    env = tiny_env(MAX_BATCH_SIZE="1", MAX_LORAS="2", ALLOW_PRIVATE_IMAGE_URLS="true", COMPILE_TRANSFORMER="true",
+                   MODEL_DIR=str(tmp_path))  # fmt: skip
 
     def answers(settings: Settings) -> list[dict]:
         service = EditService(settings)
@@ -258,7 +260,7 @@ def test_context_mode_applies_per_request_loras_as_one_process(tiny_env, tmp_pat
             service.close()
 
     try:
-        alone = answers(Settings.from_env(env))
+        alone = answers(Settings.from_env(dict(env, COMPILE_TRANSFORMER="false")))
         split = answers(Settings.from_env(dict(env, GPU_PARALLELISM="context", GPU_COUNT="2")))
     finally:
         server.close()

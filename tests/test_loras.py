@@ -294,10 +294,10 @@ def test_a_repo_lora_is_downloaded_from_the_hub_once_and_a_too_large_one_never(h
     assert missing["error"].startswith("Input field 'loras[0].path' (acme/style) could not be downloaded from Hugging Face")
 
 
-def test_a_compiled_worker_hot_swaps_loras_without_recompiling(tiny_env, tmp_path, server, holder, settings, monkeypatch):
+def test_a_compiled_worker_hot_swaps_loras_without_recompiling(inductor_cache, tiny_env, tmp_path, server, holder, settings, monkeypatch):
     from torch._dynamo.utils import counters
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
     compiled = dataclasses.replace(Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="2", MAX_LORA_RANK="8",
                                                               ALLOW_PRIVATE_IMAGE_URLS="true")), model_dir=str(tmp_path))  # fmt: skip
     pipe = holder.get().pipe
@@ -407,8 +407,8 @@ def first_job_during_the_warm_up(settings: Settings, request: dict, monkeypatch,
     return answer, [r.getMessage() for r in caplog.records], answered
 
 
-def test_the_first_job_waits_neither_for_the_lora_slots_nor_their_graphs(tiny_env, tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+def test_the_first_job_waits_neither_for_the_lora_slots_nor_their_graphs(inductor_cache, tiny_env, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
     compiled = dataclasses.replace(Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="2", MAX_LORA_RANK="8")),
                                    model_dir=str(tmp_path))  # fmt: skip
     answer, messages, answered = first_job_during_the_warm_up(compiled, job(seed=41), monkeypatch, caplog)
@@ -421,12 +421,12 @@ def test_the_first_job_waits_neither_for_the_lora_slots_nor_their_graphs(tiny_en
     assert any("cold start: LoRA slots and batch sizes compiled" in m for m in after)
 
 
-def test_a_lora_job_before_the_idle_warm_ups_prepares_the_slots_itself(tiny_env, tmp_path, server, holder, settings,
+def test_a_lora_job_before_the_idle_warm_ups_prepares_the_slots_itself(inductor_cache, tiny_env, tmp_path, server, holder, settings,
                                                                        monkeypatch, caplog):  # fmt: skip
     """The slots are prepared after the start-up warm-up; a LoRA job that comes first (queued
     during the warm-up, so that no idle moment comes between) prepares them, once, and gets
     the LoRA's pixels."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
     compiled = dataclasses.replace(Settings.from_env(tiny_env(COMPILE_TRANSFORMER="true", MAX_LORAS="2", MAX_LORA_RANK="8",
                                                               ALLOW_PRIVATE_IMAGE_URLS="true")), model_dir=str(tmp_path))  # fmt: skip
     server.serve_bytes("/a.safetensors", written(low_rank(holder.get().pipe, seed=33), "kohya"))
