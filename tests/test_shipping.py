@@ -130,3 +130,14 @@ def test_readme_documents_every_variable_and_the_test_command():
 
 def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_benchmarks_name_the_pinned_versions_as_the_stack_measured():
+    """The speed the README quotes comes from the stack the image installs."""
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text()
+    paragraph = benchmarks[benchmarks.index("**Versions.**"):].split("\n\n", 1)[0].replace("\n", " ")
+    measured = dict(re.findall(r"([a-z_]+) (\d+\.\d+\.\d+)(?:\+cu\d+)?,", paragraph.split("(Pillow")[0]))
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))  # fmt: skip
+    assert len(measured) >= 10
+    assert {name: pins.get(name.replace("_", "-"), pins.get(name)) for name in measured} == measured
