@@ -123,6 +123,7 @@ def _serve() -> int:
     # Until RunPod's JobScaler installs its handler, SIGTERM (from RunPod, or from `_retire`
     # when the model fails to load early) stops the start-up instead of killing the process.
     signal.signal(signal.SIGTERM, _stop_before_serving)
+    serving = False
     try:
         startup_checks.run(SETTINGS)  # a folder or bucket that cannot be used stops the worker here
     except ConfigError as unusable:
@@ -135,10 +136,11 @@ def _serve() -> int:
             _exit(1, f"qwen-edit-worker: invalid configuration: {unusable}")
         # On SIGTERM RunPod's JobScaler stops taking jobs and waits for the ones it holds;
         # then start() returns and the batcher finishes anything left.
+        serving = True
         runpod.serverless.start({"handler": handler, "concurrency_modifier": concurrency_modifier})
         return 0
-    except _StopBeforeServing:
-        log.info("stopped before the worker loop started")
+    except _StopBeforeServing:  # also how the local API server (--rp_serve_api) ends: it keeps our handler
+        log.info("stopped" if serving else "stopped before the worker loop started")
         return 0
     except SystemExit as done:  # runpod's local test mode (--test_input) ends with sys.exit
         return done.code if isinstance(done.code, int) else 1

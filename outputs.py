@@ -59,8 +59,8 @@ def _upload(job_id: str, name: str, data: bytes, settings: Settings) -> str:
     except Exception as error:  # noqa: BLE001 - botocore's errors can show the endpoint with its credentials
         log.warning("upload of %s/%s failed: %s", job_id, name, type(error).__name__)
         raise DeliveryError(
-            f"The edited images could not be uploaded: the bucket at BUCKET_ENDPOINT_URL "
-            f"{redact_url(settings.bucket_endpoint_url)} {bucket_problem(error)}; retry the job."
+            f"The edited images could not be uploaded: BUCKET_ENDPOINT_URL "
+            f"{redact_url(settings.bucket_endpoint_url)} {bucket_problem(error, settings)}; retry the job."
         ) from None
     log.info("uploaded %s/%s (%d bytes)", job_id, name, len(data))
     return url
@@ -82,16 +82,19 @@ def bucket_client(settings: Settings):
     return get_boto_client(_credentials(settings))[0]
 
 
-def bucket_problem(error: BaseException) -> str:
+def bucket_problem(error: BaseException, settings: Settings) -> str:
     """What went wrong, in words, without the library's text (it can hold the URL)."""
     response = getattr(error, "response", None) or {}
     code = str(response.get("Error", {}).get("Code", ""))
+    bucket = repr(bucket_name(settings))
+    if not settings.bucket_name:
+        bucket += " (BUCKET_NAME is not set: runpod's uploader then names it after the month, MM-YY)"
     if code in ("404", "NoSuchBucket"):
-        return "has no such bucket"
+        return f"has no bucket {bucket}"
     if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return "refused the credentials (BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY)"
+        return f"refused the credentials (BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY) for bucket {bucket}"
     if code:
-        return f"answered with error {code}"
+        return f"answered with error {code} for bucket {bucket}"
     return "could not be reached"
 
 

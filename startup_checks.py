@@ -69,5 +69,5 @@ def check_bucket(settings: Settings) -> None:
     try:
         bucket_client(settings).head_bucket(Bucket=bucket)
     except Exception as error:  # noqa: BLE001 - botocore's errors, named below in words
-        raise ConfigError(f"BUCKET_ENDPOINT_URL {shown} {bucket_problem(error)} for bucket {bucket!r}.") from None
+        raise ConfigError(f"BUCKET_ENDPOINT_URL {shown} {bucket_problem(error, settings)}.") from None
     log.info("bucket %r at %s is reachable: outputs are uploaded", bucket, shown)

@@ -72,14 +72,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def local_api(tiny_env):
+def local_api(tiny_env, tmp_path_factory):
     """`handler.py --rp_serve_api` on a free port, images from loopback allowed: its URL."""
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port)],
-        cwd=ROOT, env=worker_env(tiny_env, ALLOW_PRIVATE_IMAGE_URLS="true"), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    log_path = tmp_path_factory.mktemp("local-api") / "worker.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port)],
+            cwd=ROOT, env=worker_env(tiny_env, ALLOW_PRIVATE_IMAGE_URLS="true"), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
@@ -93,6 +94,7 @@ def local_api(tiny_env):
         proc.terminate()
         code = proc.wait(30)
     assert code == 0  # SIGTERM ends the local API cleanly, not by the signal (-15)
+    assert "stopped before the worker loop started" not in log_path.read_text()  # it served jobs
 
 
 def test_rp_serve_api_answers_runsync(local_api):

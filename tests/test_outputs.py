@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import io
 import json
+import time
 import urllib.request
 
 import boto3
@@ -112,10 +113,12 @@ def test_unusable_output_settings_stop_the_worker_at_start_without_showing_crede
     cases = {
         "SAVE_OUTPUT_DIR 'PATH' cannot be written": {"SAVE_OUTPUT_DIR": str(a_file / "sub")},
         "BUCKET_ENDPOINT_URL must be an http or https URL; got 'ftp://": {**bucket, "BUCKET_ENDPOINT_URL": "ftp://x:pa55word@host/"},
-        f"BUCKET_ENDPOINT_URL http://127.0.0.1:{closed.rsplit(':', 1)[1]} could not be reached for bucket 'edits'": {
+        f"BUCKET_ENDPOINT_URL http://127.0.0.1:{closed.rsplit(':', 1)[1]} could not be reached.": {
             **bucket, "BUCKET_ENDPOINT_URL": closed},
-        f"BUCKET_ENDPOINT_URL {s3_endpoint} has no such bucket for bucket 'missing'": {
+        f"BUCKET_ENDPOINT_URL {s3_endpoint} has no bucket 'missing'.": {
             **bucket, "BUCKET_ENDPOINT_URL": s3_endpoint, "BUCKET_NAME": "missing"},
+        f"BUCKET_ENDPOINT_URL {s3_endpoint} has no bucket '{time.strftime('%m-%y')}' (BUCKET_NAME is not set: runpod's "
+        "uploader then names it after the month, MM-YY).": {**bucket, "BUCKET_ENDPOINT_URL": s3_endpoint, "BUCKET_NAME": ""},
         "BUCKET_ENDPOINT_URL is set but BUCKET_ACCESS_KEY_ID or BUCKET_SECRET_ACCESS_KEY is not": {
             "BUCKET_ENDPOINT_URL": s3_endpoint},
     }  # fmt: skip
@@ -148,7 +151,7 @@ def test_an_upload_that_fails_mid_job_is_a_sentence_without_credentials(tiny_env
     settings = Settings.from_env(tiny_env(BUCKET_ENDPOINT_URL=f"http://admin:pa55word@127.0.0.1:{_closed_port()}",
                                           BUCKET_ACCESS_KEY_ID="test", BUCKET_SECRET_ACCESS_KEY="s3cr3t-key"))  # fmt: skip
     result = handle(settings, base_holder, JOB)
-    assert result["error"].startswith("The edited images could not be uploaded: the bucket at BUCKET_ENDPOINT_URL "
+    assert result["error"].startswith("The edited images could not be uploaded: BUCKET_ENDPOINT_URL "
                                       "http://127.0.0.1:")  # fmt: skip
     assert result["error"].endswith("could not be reached; retry the job.")
     assert "pa55word" not in result["error"] and "admin" not in result["error"]
