@@ -12,12 +12,14 @@ import os
 import signal
 import sys
 
+import library_logs
 import model_files
 import prefetch
 import startup_clock
 from config import ConfigError, Settings
 
 log = logging.getLogger("qwen_edit_worker")
+library_logs.quiet()  # before any library loads, in this process and in the GPU processes it spawns
 
 
 def _exit(code: int, message: str | None = None) -> None:
