@@ -28,7 +28,7 @@ from batching import Batcher, BatcherClosed, Lane, WorkerBroken
 from config import Settings
 from context_ranks import Followers, RankLost
 from devices import breaks_the_gpu
-from engine import EditEngine, EditRequest, EditResult
+from engine import MAX_DERIVED_SIDE, MIN_DERIVED_SIDE, EditEngine, EditRequest, EditResult
 from adapters import AppliedLora
 from lora_store import LoraStore
 from model_loader import ModelHolder
@@ -361,7 +361,7 @@ class EditService:
                  "scale": lora.scale, "sha256": applied.file.sha256}
                 for lora, applied in zip(self._lora_entries(params), request.loras)
             ],  # fmt: skip
-            "warnings": job_warnings(params, request, self.settings),
+            "warnings": job_warnings(params, request, self.settings, (result.width, result.height)),
         }
 
     def _save_local_copies(self, job: dict, encoded: list[bytes], output_format: str) -> None:
@@ -379,10 +379,11 @@ def _applied(files: list, entries: list[schema.LoraInput], setting: bool = False
     return tuple(AppliedLora(file, entry.scale, i, setting) for i, (file, entry) in enumerate(zip(files, entries)))
 
 
-def job_warnings(params: schema.EditInput, request: EditRequest, settings: Settings) -> list[str]:
+def job_warnings(params: schema.EditInput, request: EditRequest, settings: Settings, size: tuple[int, int]) -> list[str]:
     """What ran other than the client may expect: settings that the model as configured
-    ignores or runs off its design. Empty when nothing needs saying."""
-    notes = []
+    ignores or runs off its design, an output size other than asked. Empty when nothing
+    needs saying."""
+    notes = [note] if (note := _derived_side_note(params, request, size)) else []
     if settings.use_lightning_lora and params.num_inference_steps not in (None, settings.lightning_steps):
         notes.append(
             f"num_inference_steps {request.num_inference_steps} ran the Lightning LoRA, which is distilled for "
@@ -405,6 +406,26 @@ def job_warnings(params: schema.EditInput, request: EditRequest, settings: Setti
             notes.append(f"{'LORAS' if lora.setting else 'loras'}[{lora.index}] also holds text-encoder weights, which were not applied: this worker "
                          "applies LoRAs to the transformer only.")  # fmt: skip
     return notes
+
+
+def _derived_side_note(params: schema.EditInput, request: EditRequest, size: tuple[int, int]) -> str | None:
+    """One side given: the other follows the last image's aspect ratio, unless the side
+    limits moved it (a 64x512 input with width 512 would need a height of 4096)."""
+    if (params.width is None) == (params.height is None):
+        return None
+    image_width, image_height = request.images[-1].size
+    width, height = size
+    if params.height is None:
+        side, given, wanted, got = "height", f"width {params.width}", params.width * image_height / image_width, height
+    else:
+        side, given, wanted, got = "width", f"height {params.height}", params.height * image_width / image_height, width
+    if abs(wanted - got) <= 16:  # sides are multiples of 16
+        return None
+    return (
+        f"{side} follows the last input image's aspect ratio ({image_width}x{image_height}), which with {given} would be "
+        f"{round(wanted)} px, outside the {MIN_DERIVED_SIDE}-{MAX_DERIVED_SIDE} px a side may have: the output is "
+        f"{width}x{height}, another aspect ratio (give both width and height to choose it)."
+    )
 
 
 def _safe_name(text: str) -> str:
