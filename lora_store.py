@@ -267,11 +267,10 @@ class LoraStore:
         found = find_in_caches(fetch, [RUNPOD_HF_CACHE, None], f"LoRA {lora.path}/{weight_name}")
         if found is not None:
             return Path(found)  # held to MAX_LORA_BYTES before it is read (`_check_and_keep`)
-        unavailable = f"{subject} could not be downloaded from Hugging Face (no such repo or file, or access refused)."
         try:  # the Hub says the size before any byte is sent: refuse a file that is too large then
             size = get_hf_file_metadata(hf_hub_url(lora.path, weight_name)).size
-        except Exception:  # noqa: BLE001 - huggingface_hub's and its HTTP client's errors
-            raise InputError(unavailable) from None
+        except Exception as error:  # noqa: BLE001 - huggingface_hub's and its HTTP client's errors
+            raise InputError(_hub_unavailable(subject, f"{lora.path}/{weight_name}", error)) from None
         if size is not None and size > self.settings.max_lora_bytes:
             raise InputError(f"{subject} is larger than MAX_LORA_BYTES ({self.settings.max_lora_bytes} bytes).")
         folder = self._tmp() / uuid.uuid4().hex  # hf_hub_download also leaves a .cache folder in it
@@ -279,8 +278,8 @@ class LoraStore:
             path = Path(hf_hub_download(lora.path, weight_name, local_dir=folder))
             final = self._tmp() / f"{uuid.uuid4().hex}.part"
             os.replace(path, final)  # MAX_LORA_BYTES is applied to it as to any file (`_check_and_keep`)
-        except Exception:  # noqa: BLE001 - huggingface_hub's and its HTTP client's errors
-            raise InputError(unavailable) from None
+        except Exception as error:  # noqa: BLE001 - huggingface_hub's and its HTTP client's errors
+            raise InputError(_hub_unavailable(subject, f"{lora.path}/{weight_name}", error)) from None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return final
@@ -293,8 +292,8 @@ class LoraStore:
         if not names:
             try:
                 names = [n for n in list_repo_files(repo) if n.endswith(".safetensors")]
-            except Exception:  # noqa: BLE001 - huggingface_hub's and its HTTP client's errors
-                raise InputError(f"{subject} could not be listed on Hugging Face (no such repo, or access refused).") from None
+            except Exception as error:  # noqa: BLE001 - huggingface_hub's and its HTTP client's errors
+                raise InputError(_hub_unavailable(subject, repo, error)) from None
         if len(names) != 1:
             raise InputError(
                 f"{subject} holds {len(names)} .safetensors files; name one with 'weight_name'."
@@ -338,3 +337,27 @@ def _shown(path: str) -> str:
 
     shown = redact_url(path) if "://" in path else path
     return shown if len(shown) <= 100 else shown[:97] + "..."
+
+
+def _hub_unavailable(subject: str, what: str, error: BaseException) -> str:
+    """One sentence for a Hub failure: a missing repo or file, access refused (HF_TOKEN), or
+    the Hub out of reach. The cause goes to the log, without the library's text in the answer."""
+    from huggingface_hub import errors
+
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, errors.OfflineModeIsEnabled):
+        cause = "is not in the model caches, and HF_HUB_OFFLINE keeps this worker from downloading it"
+    elif isinstance(error, errors.GatedRepoError):
+        cause = "is a gated repo: accept its terms on huggingface.co and set HF_TOKEN on the endpoint"
+    elif isinstance(error, errors.RepositoryNotFoundError):
+        cause = "names no repo on Hugging Face, or a private one that the endpoint's HF_TOKEN does not open"
+    elif isinstance(error, errors.EntryNotFoundError):
+        cause = "names a file that the repo does not have"
+    elif status in (401, 403):
+        cause = "was refused by Hugging Face: set HF_TOKEN on the endpoint for private or gated repos"
+    elif status is not None:
+        cause = f"could not be downloaded: Hugging Face answered HTTP {status}; retry the job"
+    else:
+        cause = "could not be downloaded: Hugging Face could not be reached; retry the job"
+    log.warning("Hugging Face: %s failed: %s (%s)", what, type(error).__name__, status or "no answer")
+    return f"{subject} {cause}."

@@ -16,6 +16,7 @@ COMMIT = "c0ffee" + "0" * 34
 class HubServer:
     def __init__(self):
         self.repos: dict[str, dict[str, bytes]] = {}  # repo id -> {path: bytes}
+        self.gated: set[str] = set()  # repos whose terms the caller has not accepted: 403, as the Hub answers
         self.requests: list[tuple[str, str]] = []  # (method, path)
         hub = self
 
@@ -42,6 +43,8 @@ class HubServer:
         path = unquote(urlsplit(handler.path).path)
         self.requests.append((handler.command, path))
         parts = path.strip("/").split("/")
+        if any(f"/{repo}/" in path + "/" for repo in self.gated):
+            return self._missing(handler, "GatedRepo", status=403)
         if parts[:2] == ["api", "models"] and "tree" in parts:  # /api/models/{owner}/{name}/tree/{revision}
             repo = "/".join(parts[2:4])
             if repo not in self.repos:
@@ -70,8 +73,8 @@ class HubServer:
             handler.wfile.write(data)
 
     @staticmethod
-    def _missing(handler, code: str) -> None:
-        handler.send_response(404)
+    def _missing(handler, code: str, status: int = 404) -> None:
+        handler.send_response(status)
         handler.send_header("X-Error-Code", code)
         handler.send_header("Content-Length", "0")
         handler.end_headers()

@@ -255,7 +255,8 @@ def test_a_repo_lora_is_found_in_runpods_model_cache_without_downloading(holder,
     assert named["loras"][0]["sha256"] == only["loras"][0]["sha256"]  # the same bytes under two names
     assert named["loras"][0]["weight_name"] == "b/c.safetensors" and "weight_name" not in only["loras"][0]
     assert two == {"error": "Input field 'loras[0].path' (acme/two-files) holds 2 .safetensors files; name one with 'weight_name'."}
-    assert unknown["error"].startswith("Input field 'loras[0].path' (acme/absent) could not be listed on Hugging Face")
+    assert unknown == {"error": "Input field 'loras[0].path' (acme/absent) is not in the model caches, and HF_HUB_OFFLINE "
+                                "keeps this worker from downloading it."}  # fmt: skip
 
 
 @pytest.fixture
@@ -291,7 +292,29 @@ def test_a_repo_lora_is_downloaded_from_the_hub_once_and_a_too_large_one_never(h
     assert hub.downloads("acme/style") == 1  # the second job found it in the worker's cache
     assert huge == {"error": f"Input field 'loras[0].path' (acme/huge) is larger than MAX_LORA_BYTES ({small.max_lora_bytes} bytes)."}
     assert hub.downloads("acme/huge") == 0  # refused from its size, before any byte
-    assert missing["error"].startswith("Input field 'loras[0].path' (acme/style) could not be downloaded from Hugging Face")
+    assert missing == {"error": "Input field 'loras[0].path' (acme/style) names a file that the repo does not have."}
+
+
+def test_hub_failures_say_which_one_it_was(holder, settings, hub, monkeypatch, caplog):
+    """Not found, gated or private (HF_TOKEN), and out of reach: each its own sentence, the
+    cause in the log."""
+    import huggingface_hub.constants
+
+    hub.repos["acme/gated"] = {"style.safetensors": b"x"}
+    hub.gated.add("acme/gated")
+    unknown, gated = run(settings, holder, job([{"path": "acme/absent"}]), job([{"path": "acme/gated"}]))
+    assert unknown == {"error": "Input field 'loras[0].path' (acme/absent) names no repo on Hugging Face, or a private one "
+                                "that the endpoint's HF_TOKEN does not open."}  # fmt: skip
+    assert gated == {"error": "Input field 'loras[0].path' (acme/gated) is a gated repo: accept its terms on huggingface.co "
+                              "and set HF_TOKEN on the endpoint."}  # fmt: skip
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    from huggingface_hub import hf_api
+
+    monkeypatch.setattr(hf_api.api, "endpoint", "http://127.0.0.1:9")
+    (away,) = run(settings, holder, job([{"path": "acme/elsewhere"}]))
+    assert away == {"error": "Input field 'loras[0].path' (acme/elsewhere) could not be downloaded: Hugging Face could not "
+                             "be reached; retry the job."}  # fmt: skip
+    assert "Hugging Face: acme/gated failed: GatedRepoError (403)" in caplog.text
 
 
 def test_a_compiled_worker_hot_swaps_loras_without_recompiling(inductor_cache, tiny_env, tmp_path, server, holder, settings, monkeypatch):
