@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from config import Settings
@@ -43,6 +44,15 @@ def base_holder(tiny_settings) -> ModelHolder:
 @pytest.fixture(scope="session")
 def engine(tiny_settings, base_holder) -> EditEngine:
     return EditEngine(tiny_settings, base_holder.get)
+
+
+@pytest.fixture(autouse=True)
+def compile_stance():
+    """A service with several replicas freezes compilation for the whole process
+    (`eager_on_recompile`, as a worker should): undo it for the tests that follow, wherever
+    such a service ran (the fence test of `test_side_stream` counted no compile after one)."""
+    yield
+    torch.compiler.set_stance("default")
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:

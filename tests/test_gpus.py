@@ -35,14 +35,6 @@ from tests.test_loras import low_rank, written
 from tests.test_runpod_worker import good_job, pixels, standin, start_worker, stop_worker  # noqa: F401
 
 
-@pytest.fixture(autouse=True)
-def compile_stance():
-    """Replicas freeze compilation for the whole process (`eager_on_recompile`): undo it for
-    the tests that follow."""
-    yield
-    torch.compiler.set_stance("default")
-
-
 def settings(**env: str) -> Settings:
     return Settings.from_env({"MODEL_ID": "Qwen/Qwen-Image-Edit-2509", **env})
 
