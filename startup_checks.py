@@ -1,7 +1,8 @@
 """Settings that can only be checked by trying them, tried once at start.
 
-A folder that cannot be written or a bucket that cannot be reached would otherwise fail
-every job; like a bad value, they stop the worker before it takes one, with a sentence.
+A GPU that cannot run the model or its precision, a folder that cannot be written or a bucket
+that cannot be reached would otherwise fail every job (and on RunPod, every replacement
+worker's); like a bad value, they stop the worker before it takes one, with a sentence.
 URLs are shown without their userinfo: an endpoint may carry credentials.
 """
 
