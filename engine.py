@@ -110,6 +110,17 @@ def round_to_multiple(side: int) -> int:
     return max(OUTPUT_MULTIPLE, side // OUTPUT_MULTIPLE * OUTPUT_MULTIPLE)
 
 
+def aspect_side(request: EditRequest) -> float | None:
+    """The side not given, at the last image's aspect ratio, before the side limits (None
+    unless exactly one side is given)."""
+    last_width, last_height = request.images[-1].size
+    if request.width is not None and request.height is None:
+        return request.width * last_height / last_width
+    if request.height is not None and request.width is None:
+        return request.height * last_width / last_height
+    return None
+
+
 def _clamp_side(side: float) -> int:
     return int(min(MAX_DERIVED_SIDE, max(MIN_DERIVED_SIDE, round(side))))
 
@@ -188,15 +199,14 @@ class EditEngine:
         """The size asked for; a side not given follows the last image's aspect ratio (both
         missing: about the default area at that ratio, shrunk to fit). Whatever the inputs'
         shapes, each side stays in 64-2048."""
-        last_width, last_height = request.images[-1].size
-        ratio = last_width / last_height
         width, height = request.width, request.height
         if width is None and height is None:
-            width, height = _within_side_limits(*calculate_dimensions(self.default_output_area, ratio))
+            last_width, last_height = request.images[-1].size
+            width, height = _within_side_limits(*calculate_dimensions(self.default_output_area, last_width / last_height))
         elif height is None:
-            height = _clamp_side(width / ratio)
+            height = _clamp_side(aspect_side(request))
         elif width is None:
-            width = _clamp_side(height * ratio)
+            width = _clamp_side(aspect_side(request))
         return round_to_multiple(width), round_to_multiple(height)
 
     def warm_up(self) -> None:

@@ -28,7 +28,7 @@ from batching import Batcher, BatcherClosed, Lane, WorkerBroken
 from config import Settings
 from context_ranks import Followers, RankLost
 from devices import breaks_the_gpu
-from engine import MAX_DERIVED_SIDE, MIN_DERIVED_SIDE, EditEngine, EditRequest, EditResult
+from engine import MAX_DERIVED_SIDE, MIN_DERIVED_SIDE, EditEngine, EditRequest, EditResult, aspect_side
 from adapters import AppliedLora
 from lora_store import LoraStore
 from model_loader import ModelHolder
@@ -383,7 +383,7 @@ def job_warnings(params: schema.EditInput, request: EditRequest, settings: Setti
     """What ran other than the client may expect: settings that the model as configured
     ignores or runs off its design, an output size other than asked. Empty when nothing
     needs saying."""
-    notes = [note] if (note := _derived_side_note(params, request, size)) else []
+    notes = [note] if (note := _derived_side_note(request, size)) else []
     if settings.use_lightning_lora and params.num_inference_steps not in (None, settings.lightning_steps):
         notes.append(
             f"num_inference_steps {request.num_inference_steps} ran the Lightning LoRA, which is distilled for "
@@ -408,19 +408,20 @@ def job_warnings(params: schema.EditInput, request: EditRequest, settings: Setti
     return notes
 
 
-def _derived_side_note(params: schema.EditInput, request: EditRequest, size: tuple[int, int]) -> str | None:
+def _derived_side_note(request: EditRequest, size: tuple[int, int]) -> str | None:
     """One side given: the other follows the last image's aspect ratio, unless the side
     limits moved it (a 64x512 input with width 512 would need a height of 4096)."""
-    if (params.width is None) == (params.height is None):
+    wanted = aspect_side(request)
+    if wanted is None:
         return None
-    image_width, image_height = request.images[-1].size
     width, height = size
-    if params.height is None:
-        side, given, wanted, got = "height", f"width {params.width}", params.width * image_height / image_width, height
+    if request.height is None:
+        side, given, got = "height", f"width {request.width}", height
     else:
-        side, given, wanted, got = "width", f"height {params.height}", params.height * image_width / image_height, width
+        side, given, got = "width", f"height {request.height}", width
     if abs(wanted - got) <= 16:  # sides are multiples of 16
         return None
+    image_width, image_height = request.images[-1].size
     return (
         f"{side} follows the last input image's aspect ratio ({image_width}x{image_height}), which with {given} would be "
         f"{round(wanted)} px, outside the {MIN_DERIVED_SIDE}-{MAX_DERIVED_SIDE} px a side may have: the output is "
