@@ -1,6 +1,7 @@
 """A new worker's cold start at real size: each stage's end, and the raw read of the same files.
 
     python3 benchmarks/cold_start.py --dir /tmp/cold --runs bf16/empty/3,bf16/warm/3,fp8/empty/0 [--importtime]
+    python3 benchmarks/cold_start.py --dir /tmp/cold --runs bf16/warm/3/queue16,bf16/warm/3/queue16/alone,stock/-/0/queue16
         [--gpu-parallelism single]   # the default: one GPU, whatever the machine has; auto: as a worker
 
 Once per --dir: builds the real-size pipeline with random weights (`gpu_speed.build_pipeline`),
@@ -16,7 +17,11 @@ further fields: `stand-in` sets COMPILE_WHILE_LOADING=true, `parallel` diffusers
 HF_ENABLE_PARALLEL_LOADING=yes, which reads a model's shards on several threads) drops
 the page cache again and starts a fresh process that does what a worker does: imports, builds
 `EditService` (which loads the model, fuses Lightning, compiles and warms up), then answers
-one 1024² Lightning-8 edit. The child prints the worker's own start-up log lines with the
+one 1024² Lightning-8 edit. Further fields: `queue16` (any count) starts the worker while 16 such
+jobs already wait, as RunPod's scale-up does, and reports each job's latency, batch size and
+denoise time; `alone` sets MAX_BATCH_SIZE=1 (otherwise the worker's default); precision `stock`
+loads the saved pipeline with diffusers' own `from_pretrained`, loads and fuses the Lightning
+file with `load_lora_weights` and runs the jobs one after another. The child prints the worker's own start-up log lines with the
 seconds since its process started, the time to the first result, and the files it imported
 or mapped that the list does not name. The last lines are a markdown table. With --importtime each child runs under `python -X importtime` and the
 slowest imports (cumulative, by top-level package) are printed with its result.
@@ -125,19 +130,88 @@ def child() -> None:
     import compilation
 
     compilation.start_workers(settings)
-    from gpu_speed import input_png
     from service import EditService
 
     startup_clock.mark("imports done")
     prefetch.imports_done()
-    service = EditService(settings)
-    job = {"id": "first", "input": {"prompt": "Add a red hat to the person on the left", "image_base64": input_png(1024, 0),
-                                    "width": 1024, "height": 1024, "seed": 1}}  # fmt: skip
-    answer = asyncio.run(service.handle(job))
-    first = startup_clock.seconds_since_start()
-    print("RESULT " + json.dumps({"first_result_s": round(first, 1), "error": answer.get("error"),
-                                  "job_timings_ms": answer.get("timings_ms"), "stages": records,
+    service = EditService(settings)  # starts loading; RunPod hands it jobs from now on
+    queued = int(os.environ.get("COLD_START_QUEUE", "1"))
+    answers = asyncio.run(waiting_jobs(service, queued, settings.max_concurrency))
+    first = min(seconds for seconds, _ in answers)
+    print("RESULT " + json.dumps({"first_result_s": round(first, 1), "error": answers[0][1].get("error"),
+                                  "job_timings_ms": answers[0][1].get("timings_ms"), "stages": records,
+                                  "queue": queue_summary(answers) if queued > 1 else None,
                                   "outside_import_set": outside_import_set()}), flush=True)  # fmt: skip
+    os._exit(0)
+
+
+def cold_job(index: int) -> dict:
+    from gpu_speed import PROMPTS, input_png
+
+    return {"id": f"cold-{index}", "input": {"prompt": PROMPTS[index % len(PROMPTS)], "image_base64": input_png(1024, index),
+                                             "width": 1024, "height": 1024, "seed": index}}  # fmt: skip
+
+
+async def waiting_jobs(service, count: int, concurrency: int) -> list[tuple[float, dict]]:
+    """`count` jobs waiting from the process's start, handed over at most `concurrency` at a
+    time as RunPod's JobScaler does; each answer with the second it came."""
+    import asyncio
+
+    import startup_clock
+
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(index: int) -> tuple[float, dict]:
+        async with slots:
+            answer = await service.handle(cold_job(index))
+        return startup_clock.seconds_since_start(), answer
+
+    return list(await asyncio.gather(*(one(index) for index in range(count))))
+
+
+def queue_summary(answers: list[tuple[float, dict]]) -> dict:
+    """The scale-up's figures: latency counts from the process's start (the jobs were waiting)."""
+    import statistics
+
+    seconds = sorted(s for s, _ in answers)
+    denoise = [a["timings_ms"]["denoise"] for _, a in answers if "timings_ms" in a]
+    steady = statistics.median(denoise) if denoise else None  # a job that waited for a compile stands out above it
+    return {"jobs": len(answers), "errors": sum("error" in a for _, a in answers),
+            "p50_s": round(statistics.median(seconds), 1), "p95_s": round(seconds[int(0.95 * (len(seconds) - 1))], 1),
+            "last_s": round(seconds[-1], 1), "images_per_s_after_first": round((len(seconds) - 1) / (seconds[-1] - seconds[0]), 3)
+            if len(seconds) > 1 and seconds[-1] > seconds[0] else None,
+            "batch_sizes": [a.get("batch_size") for _, a in sorted(answers, key=lambda x: x[0])],
+            "denoise_ms_longest": max(denoise, default=None), "denoise_ms_steady": steady}  # fmt: skip
+
+
+def stock_child() -> None:
+    """The stock diffusers pipeline started cold on the same files: from_pretrained, the Lightning
+    file through load_lora_weights and fuse_lora, then the waiting jobs one after another."""
+    import startup_clock
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+
+    from config import Settings
+    from gpu_speed import LIGHTNING_SCHEDULER_CONFIG, stock_one_at_a_time
+
+    settings = Settings.from_env({**os.environ, "PRECISION_MODE": "bf16"})  # for reading the input images
+    folder = Path(os.environ["MODEL_DIR"])
+    pipe = QwenImageEditPlusPipeline.from_pretrained(os.environ["MODEL_ID"], torch_dtype=torch.bfloat16).to("cuda")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)
+    (lightning,) = folder.rglob("*Lightning*.safetensors")
+    pipe.load_lora_weights(str(lightning))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.set_progress_bar_config(disable=True)
+    loaded = startup_clock.seconds_since_start()
+    jobs = [dict(cold_job(i), input=dict(cold_job(i)["input"], num_inference_steps=8, true_cfg_scale=1.0))
+            for i in range(int(os.environ.get("COLD_START_QUEUE", "1")))]  # fmt: skip
+    _, latencies = stock_one_at_a_time(pipe, jobs, settings)
+    answers = [(loaded + s, {}) for s in latencies]
+    print("RESULT " + json.dumps({"first_result_s": round(answers[0][0], 1), "error": None, "job_timings_ms": None,
+                                  "stages": [(round(loaded, 1), "pipeline loaded, Lightning fused")],
+                                  "queue": queue_summary(answers) if len(answers) > 1 else None,
+                                  "outside_import_set": None}), flush=True)  # fmt: skip
     os._exit(0)
 
 
@@ -187,7 +261,7 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child()
+        stock_child() if os.environ.get("PRECISION_MODE") == "stock" else child()
         return
     folder = Path(args.dir)
     prepare(folder)
@@ -206,8 +280,10 @@ def main() -> None:
         if cache == "empty":
             shutil.rmtree(folder / "volume" / "torchinductor", ignore_errors=True)
         drop_page_cache(files)
+        queued = next((int(field[5:]) for field in more if field.startswith("queue")), 1)
         env = {**os.environ, "MODEL_ID": str(folder / "model"), "MODEL_DIR": str(folder / "volume"),
-               "PRECISION_MODE": precision, "MAX_LORAS": max_loras, "MAX_BATCH_SIZE": "1",
+               "PRECISION_MODE": precision, "MAX_LORAS": max_loras, "COLD_START_QUEUE": str(queued),
+               **({"MAX_BATCH_SIZE": "1"} if "alone" in more else {}),
                "GPU_PARALLELISM": args.gpu_parallelism, "COMPILE_WHILE_LOADING": str("stand-in" in more).lower(),
                "HF_ENABLE_PARALLEL_LOADING": "yes" if "parallel" in more else "no"}  # fmt: skip
         python = [sys.executable, "-X", "importtime"] if args.importtime else [sys.executable]
@@ -227,6 +303,15 @@ def main() -> None:
     print("| --- | --- | --- |")
     for run, result in rows:
         print(f"| {run} | {result['first_result_s']} | {result['first_result_s'] - read_s:.1f} |")
+    queues = [(run, result["queue"]) for run, result in rows if result.get("queue")]
+    if queues:
+        print("\n| run | jobs waiting at start | first result s | p50 s | p95 s | last s | images/s after the first "
+              "| batch sizes | denoise ms, longest / steady |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for run, q in queues:
+            first = next(r["first_result_s"] for name, r in rows if name == run)
+            print(f"| {run} | {q['jobs']} | {first} | {q['p50_s']} | {q['p95_s']} | {q['last_s']} | {q['images_per_s_after_first']} "
+                  f"| {q['batch_sizes']} | {q['denoise_ms_longest']} / {q['denoise_ms_steady']} |")  # fmt: skip
 
 
 if __name__ == "__main__":
