@@ -26,15 +26,16 @@ COPY requirements.txt .
 RUN pip install -r requirements.txt
 
 COPY *.py test_input.json ./
+COPY qwen_edit_worker ./qwen_edit_worker
 COPY assets ./assets
 
 # The files a start-up imports (about 4 GB with the shared libraries), listed into
 # import_set.txt: a cold worker reads them first, many at a time, then its weights.
-RUN python import_set.py
+RUN python -m qwen_edit_worker.startup.import_set
 
 # ./build.sh IMAGE TAG --bake-lightning 8 (or 4,8): the Lightning LoRA for those steps goes into
 # the image (850 MB each), so that new workers do not download it. Empty: nothing is baked.
 ARG BAKE_LIGHTNING=""
-RUN if [ -n "$BAKE_LIGHTNING" ]; then python bake_lightning.py "$BAKE_LIGHTNING"; fi
+RUN if [ -n "$BAKE_LIGHTNING" ]; then python -m qwen_edit_worker.startup.bake_lightning "$BAKE_LIGHTNING"; fi
 
 CMD ["python", "-u", "handler.py"]

@@ -12,11 +12,8 @@ import os
 import signal
 import sys
 
-import library_logs
-import model_files
-import prefetch
-import startup_clock
 from config import ConfigError, Settings
+from qwen_edit_worker.startup import library_logs, model_files, prefetch, startup_clock
 
 log = logging.getLogger("qwen_edit_worker")
 library_logs.quiet()  # before any library loads, in this process and in the GPU processes it spawns
@@ -56,16 +53,16 @@ if __name__ == "__main__":
     # The weights start coming into memory now, while the heavy imports below (runpod, torch,
     # transformers, diffusers: 20-40 s on a cold disk) run.
     prefetch.start(model_files.local_model_path(SETTINGS), model_files.local_lora_path(SETTINGS))
-    import compilation  # torch
+    from qwen_edit_worker.engine import compilation  # torch
 
     compilation.start_workers(SETTINGS)  # torch's compile workers start beside the imports still to come
 
 import runpod  # noqa: E402 - after the prefetch started
 from runpod.serverless.modules.worker_state import IS_LOCAL_TEST  # noqa: E402
 
-import compile_cache  # noqa: E402
-import sdk_guards  # noqa: E402
-import startup_checks  # noqa: E402
+from qwen_edit_worker import startup_checks  # noqa: E402
+from qwen_edit_worker.engine import compile_cache  # noqa: E402
+from qwen_edit_worker.jobs import sdk_guards  # noqa: E402
 
 sdk_guards.install()  # a job holding a huge integer must not lose the jobs taken with it
 
@@ -75,7 +72,7 @@ _service = None
 def _get_service():
     global _service
     if _service is None:
-        from service import EditService
+        from qwen_edit_worker.service import EditService
 
         startup_clock.mark("imports done")
         prefetch.imports_done()  # the weights still to read now get the disk

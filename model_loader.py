@@ -14,27 +14,21 @@ import math
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-import compilation
-import compile_cache
-import context_parallel
-import context_ranks
-import fp8
-import rope_attention
-import stand_in
-from compilation import compile_transformer, should_compile
 from config import Settings
-from context_parallel import Ranks
-from devices import check_precision_supported, resolve_device_and_dtype
-from adapters import prepare_slots
-from loras import load_lora
-from model_files import resolve_lora_path, resolve_model_path
-from startup_clock import timed
+from qwen_edit_worker.engine import compilation, compile_cache, context_parallel, fp8, rope_attention, stand_in
+from qwen_edit_worker.engine.compilation import compile_transformer, should_compile
+from qwen_edit_worker.engine.context_parallel import Ranks
+from qwen_edit_worker.engine.devices import check_precision_supported, resolve_device_and_dtype
+from qwen_edit_worker.engine.loaded_model import LoadedModel
+from qwen_edit_worker.loras.adapters import prepare_slots
+from qwen_edit_worker.loras.loading import load_lora
+from qwen_edit_worker.startup.model_files import resolve_lora_path, resolve_model_path
+from qwen_edit_worker.startup.startup_clock import timed
 
 log = logging.getLogger("qwen_edit_worker.model")
 
@@ -63,25 +57,6 @@ QUANTIZED_COMPONENTS = ("transformer", "text_encoder")
 # Fraction of free GPU memory the weights may take before `CPU_OFFLOAD=auto` offloads:
 # the rest is left for activations, which reach several GB at 1024² and batch > 1.
 FIT_FRACTION = 0.8
-
-
-@dataclass
-class LoadedModel:
-    """The pipeline plus what the engine and the responses need to know about it."""
-
-    pipe: object  # diffusers.QwenImageEditPlusPipeline
-    device: torch.device
-    dtype: torch.dtype
-    precision: str
-    lightning: bool
-    offload: str
-    compiled: bool = False
-    # Adapters that belong to the model and stay active in every batch (an unfused Lightning).
-    base_adapters: tuple[str, ...] = ()
-    adapters: object = None  # the user LoRAs loaded into it (adapters.AdapterCache), once one is used
-    lora_slots: tuple[str, ...] = ()  # hot-swappable adapter slots of a compiled transformer, once prepared
-    lora_slot_count: int = 0  # how many it has, or will have once `adapters.ready_slots` has run
-    lora_rank: int = 0
 
 
 def quantization_config(
@@ -378,7 +353,7 @@ def _prepared(settings: Settings, pipe, device: torch.device, dtype: torch.dtype
     slots = _shaped(settings, pipe, ranks, compiled, restoring)
     model = _loaded(settings, pipe, device, dtype, offload, compiled, slots)
     if ranks is not None:
-        context_ranks.lead(model, ranks, settings.max_loaded_loras)  # rank 0: the followers do as it does
+        context_parallel.lead(model, ranks, settings.max_loaded_loras)  # rank 0: the followers do as it does
     return model
 
 

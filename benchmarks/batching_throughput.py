@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import Settings  # noqa: E402
-from service import EditService  # noqa: E402
+from qwen_edit_worker.service import EditService  # noqa: E402
 
 PROMPTS = ["make the sky pink", "add snow", "turn it into a watercolor painting", "night", "a red hat"]
 

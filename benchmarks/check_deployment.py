@@ -36,11 +36,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import images  # noqa: E402
 import model_loader  # noqa: E402
-import schema  # noqa: E402
 from config import Settings  # noqa: E402
-from service import EditService  # noqa: E402
+from qwen_edit_worker.jobs import (
+    images,  # noqa: E402
+    schema,  # noqa: E402
+)
+from qwen_edit_worker.service import EditService  # noqa: E402
 
 FAILURES: list[str] = []
 
@@ -129,8 +131,8 @@ def check_real_size_lora() -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
     from safetensors.torch import save_file
 
-    from loras import load_lora
-    from tiny_model import lightning_format_lora
+    from qwen_edit_worker.loras.loading import load_lora
+    from qwen_edit_worker.testing.tiny_model import lightning_format_lora
 
     with torch.device("cuda"):
         torch.set_default_dtype(torch.bfloat16)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import context_ranks  # noqa: E402
+from qwen_edit_worker.gpus import context_ranks  # noqa: E402
 
 
 def device(rank: int, cpu: bool) -> torch.device:

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import Settings  # noqa: E402
-from engine import EditEngine, EditRequest  # noqa: E402
 from model_loader import ModelHolder  # noqa: E402
+from qwen_edit_worker.engine.edit_engine import EditEngine, EditRequest  # noqa: E402
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from PIL import Image
 
 import model_loader
 from config import Settings
-from engine import EditEngine, EditRequest
+from qwen_edit_worker.engine.edit_engine import EditEngine, EditRequest
 
 
 def linear_kinds(module: torch.nn.Module) -> dict[str, int]:

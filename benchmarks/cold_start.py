@@ -8,7 +8,7 @@ Once per --dir: builds the real-size pipeline with random weights (`gpu_speed.bu
 saves it with `save_pretrained` (what a downloaded model is on disk), and writes a rank-64
 Lightning-format LoRA over the transformer's 720 linear layers into MODEL_DIR in
 huggingface_hub's cache layout, where the worker finds a downloaded Lightning file.
-It lists the start-up's files as the image's build does (`import_set.py`; --no-import-set
+It lists the start-up's files as the image's build does (`qwen_edit_worker.startup.import_set`; --no-import-set
 removes the list instead, as outside the image). Then it drops the page cache and reads the
 weights raw (the floor: no start can load the weights faster than the disk gives them), and
 for each run PRECISION/CACHE/MAX_LORAS
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import prefetch  # noqa: E402
+from qwen_edit_worker.startup import prefetch  # noqa: E402
 
 LIGHTNING_REPO = "lightx2v/Qwen-Image-Lightning"
 REVISION = "0" * 40
@@ -52,10 +52,10 @@ REVISION = "0" * 40
 def prepare(folder: Path) -> None:
     """The saved pipeline and the Lightning file, once."""
     import torch
+    from real_size import build_pipeline
 
     from config import default_lightning_weight
-    from gpu_speed import build_pipeline
-    from tiny_model import lightning_format_lora
+    from qwen_edit_worker.testing.tiny_model import lightning_format_lora
 
     if (folder / "model" / "model_index.json").exists():
         return
@@ -106,7 +106,7 @@ def child() -> None:
     """One worker start, as RunPod runs it, up to its first result."""
     records: list[tuple[float, str]] = []
 
-    import startup_clock
+    from qwen_edit_worker.startup import startup_clock
 
     class Stages(logging.Handler):
         def emit(self, record):
@@ -118,19 +118,18 @@ def child() -> None:
     worker_log.addHandler(Stages())
     # What handler.py does before serving (runpod itself is not installed on the GPU machine):
     # the prefetch starts before torch is imported.
-    import model_files
-    import prefetch
     from config import Settings
+    from qwen_edit_worker.startup import model_files, prefetch
 
     settings = Settings.from_env()
     prefetch.start(model_files.local_model_path(settings), model_files.local_lora_path(settings))
     records.append((round(startup_clock.seconds_since_start(), 1), "prefetch started"))
     import asyncio
 
-    import compilation
+    from qwen_edit_worker.engine import compilation
 
     compilation.start_workers(settings)
-    from service import EditService
+    from qwen_edit_worker.service import EditService
 
     startup_clock.mark("imports done")
     prefetch.imports_done()
@@ -146,7 +145,7 @@ def child() -> None:
 
 
 def cold_job(index: int) -> dict:
-    from gpu_speed import PROMPTS, input_png
+    from real_size import PROMPTS, input_png
 
     return {"id": f"cold-{index}", "input": {"prompt": PROMPTS[index % len(PROMPTS)], "image_base64": input_png(1024, index),
                                              "width": 1024, "height": 1024, "seed": index}}  # fmt: skip
@@ -157,7 +156,7 @@ async def waiting_jobs(service, count: int, concurrency: int) -> list[tuple[floa
     time as RunPod's JobScaler does; each answer with the second it came."""
     import asyncio
 
-    import startup_clock
+    from qwen_edit_worker.startup import startup_clock
 
     slots = asyncio.Semaphore(concurrency)
 
@@ -187,12 +186,12 @@ def queue_summary(answers: list[tuple[float, dict]]) -> dict:
 def stock_child() -> None:
     """The stock diffusers pipeline started cold on the same files: from_pretrained, the Lightning
     file through load_lora_weights and fuse_lora, then the waiting jobs one after another."""
-    import startup_clock
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+    from gpu_speed import LIGHTNING_SCHEDULER_CONFIG, stock_one_at_a_time
 
     from config import Settings
-    from gpu_speed import LIGHTNING_SCHEDULER_CONFIG, stock_one_at_a_time
+    from qwen_edit_worker.startup import startup_clock
 
     settings = Settings.from_env({**os.environ, "PRECISION_MODE": "bf16"})  # for reading the input images
     folder = Path(os.environ["MODEL_DIR"])
@@ -216,9 +215,9 @@ def stock_child() -> None:
 
 
 def outside_import_set() -> dict | None:
-    """The files this start-up imported or mapped that the image's list (`import_set.py`) does
+    """The files this start-up imported or mapped that the image's list (`import_set`) does
     not name: what the prefetch did not read ahead. None without a list."""
-    import import_set
+    from qwen_edit_worker.startup import import_set
 
     listed = set(prefetch.listed_files(prefetch.IMPORT_SET))
     if not listed:
@@ -229,8 +228,9 @@ def outside_import_set() -> dict | None:
 
 
 def record_import_set() -> None:
-    """List the start-up's files as the image's build does (`python import_set.py`)."""
-    done = subprocess.run([sys.executable, str(ROOT / "import_set.py")], capture_output=True, text=True, timeout=300)
+    """List the start-up's files as the image's build does (`python -m qwen_edit_worker.startup.import_set`)."""
+    done = subprocess.run([sys.executable, "-m", "qwen_edit_worker.startup.import_set"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
     print(done.stdout.strip() or f"import set not recorded: {done.stderr[-500:]}", flush=True)
 
 

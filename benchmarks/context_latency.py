@@ -41,9 +41,10 @@ def gpu_memory_gib() -> list[float]:
 
 
 def child(mode: str, gpus: int, jobs: int, side: int) -> None:
+    from real_size import input_png
+
     from config import Settings
-    from gpu_speed import input_png
-    from service import EditService
+    from qwen_edit_worker.service import EditService
 
     settings = Settings.from_env({**os.environ, "GPU_PARALLELISM": mode, "GPU_COUNT": str(gpus if mode == "context" else 1),
                                   "MAX_LORAS": "0", "MAX_BATCH_SIZE": "1"})  # fmt: skip

@@ -3,10 +3,8 @@
     python3 benchmarks/gpu_speed.py --scenarios lightning1024,batch512,cfg1024 --out $OUT
     python3 benchmarks/gpu_speed.py --profile bf16,fp8 --out $OUT     # where a forward's time goes
 
-Builds Qwen-Image-Edit-2509 at real size with random weights (transformer 20.4B,
-Qwen2.5-VL-7B-shaped text encoder, VAE) on the GPU: timing does not depend on the
-weights' values, which cannot be downloaded here. The tokenizer is the tiny model's
-(a system prompt of about 150 tokens instead of 64; images dominate the sequence).
+Builds Qwen-Image-Edit-2509 at real size with random weights (`real_size.build_pipeline`:
+timing does not depend on the weights' values).
 
 For each scenario, the same list of jobs runs through
   A: `QwenImageEditPlusPipeline.__call__`, one job at a time (decode the input, call,
@@ -24,33 +22,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import math
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import compilation  # noqa: E402
-import fp8  # noqa: E402
-import rope_attention  # noqa: E402
+from real_size import PROMPTS, build_pipeline, input_png, random_transformer  # noqa: E402, F401 - the shared builder
+
 from config import Settings  # noqa: E402
-from engine import EditEngine, EditRequest  # noqa: E402
-from images import encode_image, load_images  # noqa: E402
 from model_loader import LIGHTNING_SCHEDULER_CONFIG, LoadedModel  # noqa: E402
-from service import EditService  # noqa: E402
-from tiny_model import TINY_TRANSFORMER, build_tiny_pipeline  # noqa: E402
+from qwen_edit_worker.engine import (
+    compilation,  # noqa: E402
+    fp8,  # noqa: E402
+    rope_attention,  # noqa: E402
+)
+from qwen_edit_worker.engine.edit_engine import EditEngine, EditRequest  # noqa: E402
+from qwen_edit_worker.jobs.images import encode_image, load_images  # noqa: E402
+from qwen_edit_worker.service import EditService  # noqa: E402
+from qwen_edit_worker.testing.tiny_model import build_tiny_pipeline  # noqa: E402
 
 # Qwen-Image-Edit's own scheduler configuration (used without Lightning).
 BASE_SCHEDULER_CONFIG = {
@@ -58,16 +56,6 @@ BASE_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02, "time_shift_type": "exponential",
     "use_dynamic_shifting": True,
 }  # fmt: skip
-PROMPTS = [
-    "Make the sky a deep orange sunset and add birds",
-    "Turn the photo into a watercolor painting",
-    "Replace the background with a snowy mountain landscape at dawn, keep the person unchanged",
-    "Add a red hat",
-    "Make it night time with city lights in the distance and a full moon",
-    "Change the jacket to blue denim",
-    "Remove the text from the sign",
-    "Give the scene a cinematic teal and orange color grade, increase contrast slightly",
-]
 
 SCENARIOS = {
     # name: (output side, jobs, steps, cfg scale, lightning, precision)
@@ -95,70 +83,6 @@ class Preloaded:
         return self.model
 
 
-def text_encoder_7b(tokenizer):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    config = Qwen2_5_VLConfig(
-        text_config={"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-                     "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0, "max_position_embeddings": 128000,
-                     "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"}},
-        vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
-                       "fullatt_block_indexes": [7, 15, 23, 31]},
-        vocab_size=152064, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )  # fmt: skip
-    return Qwen2_5_VLForConditionalGeneration(config)
-
-
-@contextmanager
-def built_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Modules constructed inside are created on `device` in `dtype` (random weights, no copy)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def random_transformer(device: torch.device, dtype: torch.dtype, tiny: bool = False):
-    """The real-size transformer (or the tiny one) with seed 0's random weights, made on `device`."""
-    from diffusers import QwenImageTransformer2DModel
-
-    torch.manual_seed(0)
-    with built_on(device, dtype):
-        return (QwenImageTransformer2DModel(**TINY_TRANSFORMER) if tiny else QwenImageTransformer2DModel()).eval()
-
-
-def build_pipeline(device: torch.device = torch.device("cuda")):
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
-    from diffusers import QwenImageTransformer2DModel
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
-    from tiny_model import _build_tokenizer
-
-    tokenizer = _build_tokenizer()
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
-                                 video_processor=Qwen2VLVideoProcessor())  # fmt: skip
-    start = time.perf_counter()
-    torch.manual_seed(0)
-    with built_on(device, torch.bfloat16):
-        transformer = QwenImageTransformer2DModel()  # the defaults are Qwen-Image's real configuration
-        vae = AutoencoderKLQwenImage()
-        text_encoder = text_encoder_7b(tokenizer)
-    pipe = QwenImageEditPlusPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG), vae=vae,
-        text_encoder=text_encoder.eval(), tokenizer=tokenizer, processor=processor, transformer=transformer.eval(),
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    params = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) / 1e9 for n in ("transformer", "text_encoder", "vae")}
-    print(f"built real-size pipeline in {time.perf_counter() - start:.0f} s: {params} B params", flush=True)
-    return pipe
-
-
 def quantize_nf4(pipe) -> None:
     """NF4 as the `4bit` mode loads it (bitsandbytes Linear4bit, block 0's img_mod kept)."""
     import bitsandbytes as bnb
@@ -179,13 +103,6 @@ def quantize_nf4(pipe) -> None:
                     q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(module, child_name, q)
         torch.cuda.empty_cache()
-
-
-def input_png(side: int, seed: int) -> str:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def jobs_for(name: str) -> list[dict]:
@@ -334,12 +251,11 @@ def main() -> None:
              for v in variants]  # fmt: skip
     if stage != sorted(stage):
         parser.error("list variants in this order: eager ones, compiled and cfgbatch, fp8, cudnn")
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as stock_module
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as stock_module
-
     if args.tiny:
-        from tiny_model import build_tiny_pipeline
+        from qwen_edit_worker.testing.tiny_model import build_tiny_pipeline
 
         global DEVICE, DTYPE, INPUT_SIDE
         DEVICE, DTYPE, INPUT_SIDE = torch.device("cpu"), torch.float32, 64

@@ -36,13 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from adapters import prepare_slots  # noqa: E402
-import fp8  # noqa: E402
+from gpu_speed import Preloaded  # noqa: E402
+from real_size import build_pipeline, input_png  # noqa: E402
+
 from config import Settings  # noqa: E402
-from gpu_speed import Preloaded, build_pipeline, input_png  # noqa: E402
 from model_loader import LoadedModel  # noqa: E402
-from service import EditService  # noqa: E402
-from tiny_model import lightning_format_lora  # noqa: E402
+from qwen_edit_worker.engine import fp8  # noqa: E402
+from qwen_edit_worker.loras.adapters import prepare_slots  # noqa: E402
+from qwen_edit_worker.service import EditService  # noqa: E402
+from qwen_edit_worker.testing.tiny_model import lightning_format_lora  # noqa: E402
 
 
 def rank64(transformer, seed: int, rank: int = 64) -> dict[str, torch.Tensor]:
@@ -127,7 +129,7 @@ def main() -> None:
 def check_quantized(lora_url: str) -> None:
     """One LoRA job on the tiny model in 4-bit: PEFT layers over bitsandbytes, Lightning kept active."""
     import model_loader
-    from tiny_model import ensure_tiny_model
+    from qwen_edit_worker.testing.tiny_model import ensure_tiny_model
 
     folder = tempfile.mkdtemp()
     settings = Settings.from_env({"MODEL_ID": "tiny-random", "MODEL_DIR": folder, "PRECISION_MODE": "4bit",

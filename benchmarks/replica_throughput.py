@@ -45,7 +45,7 @@ MODES = {
 
 
 def jobs(count: int, side: int, tag: str) -> list[dict]:
-    from gpu_speed import PROMPTS, input_png
+    from real_size import PROMPTS, input_png
 
     return [{"id": f"{tag}-{i}", "input": {"prompt": PROMPTS[i % len(PROMPTS)], "image_base64": input_png(side, i),
                                            "width": side, "height": side, "seed": i}} for i in range(count)]  # fmt: skip
@@ -61,9 +61,10 @@ def wait_until_serving(service, timeout: float = 900) -> None:
 
 
 def child(mode: str, gpus: int, count: int, side: int) -> None:
-    from config import Settings
     from gpu_speed import job_timeline
-    from service import EditService
+
+    from config import Settings
+    from qwen_edit_worker.service import EditService
 
     started = time.perf_counter()
     settings = Settings.from_env({**os.environ, **MODES[mode], "GPU_COUNT": str(1 if mode == "single" else gpus),

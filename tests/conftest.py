@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from config import Settings
-from engine import EditEngine
 from model_loader import ModelHolder
+from qwen_edit_worker.engine.edit_engine import EditEngine
 
 
 @pytest.fixture(scope="session")

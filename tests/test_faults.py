@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from service import EditService
+from qwen_edit_worker.service import EditService
 from tests.runpod_standin import RunPodStandIn
 from tests.test_handler import HAT, SAMPLE
 from tests.test_runpod_worker import good_job, start_worker, stop_worker

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from config import Settings
-from service import EditService
+from qwen_edit_worker.service import EditService
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = base64.b64encode((ROOT / "assets" / "sample.png").read_bytes()).decode()

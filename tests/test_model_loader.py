@@ -12,10 +12,10 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
 
-import model_files
 import model_loader
 from config import Settings
 from model_loader import LIGHTNING_SCHEDULER_CONFIG, ModelHolder, load_model
+from qwen_edit_worker.startup import model_files
 
 
 def test_tiny_model_loads_through_from_pretrained(base_holder):
@@ -106,7 +106,7 @@ def test_a_replicas_offload_uses_its_own_gpu():
     """diffusers offloads onto GPU 0 unless told which GPU: a replica on the second GPU names
     it (CPU_OFFLOAD=model on GPUs the weights do not fit). No GPU here: the hooks are set up
     and nothing runs."""
-    from tiny_model import build_tiny_pipeline
+    from qwen_edit_worker.testing.tiny_model import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
     model_loader._place(pipe, "model", torch.device("cuda", 1), quantized=False)
@@ -117,7 +117,7 @@ def test_a_context_follower_loads_the_transformer_alone(tiny_settings, tiny_env,
     """Rank 0 encodes every prompt and runs the VAE; a follower (rank > 0) runs only the
     transformer, so it does not spend GPU memory and load time on the text encoder (16.6 GB
     at real size) or the VAE (0.25 GB), whatever the VAE options."""
-    from context_parallel import Ranks
+    from qwen_edit_worker.engine.context_parallel import Ranks
 
     follower = load_model(tiny_settings, ranks=Ranks(1, 2, None))  # loading forms no collective
     assert follower.pipe.text_encoder is None and follower.pipe.vae is None and follower.pipe.transformer is not None
@@ -127,7 +127,7 @@ def test_a_context_follower_loads_the_transformer_alone(tiny_settings, tiny_env,
 
 
 def test_the_offload_decision_comes_from_the_file_headers_before_loading(tiny_settings, base_holder, monkeypatch):
-    from tiny_model import ensure_tiny_model
+    from qwen_edit_worker.testing.tiny_model import ensure_tiny_model
 
     path = str(ensure_tiny_model(tiny_settings.model_dir) / "pipeline")
     planned = model_loader.planned_bytes(path, torch.bfloat16)
@@ -151,7 +151,7 @@ def _as_hub_cache(pipeline_dir, cache_root, repo_id: str, revision: str = "0" * 
 
 
 def test_weights_are_found_in_runpods_model_cache_without_downloading(tmp_path, tiny_settings, base_holder):
-    from tiny_model import ensure_tiny_model
+    from qwen_edit_worker.testing.tiny_model import ensure_tiny_model
 
     runpod_cache = tmp_path / "runpod-cache"
     _as_hub_cache(ensure_tiny_model(tiny_settings.model_dir) / "pipeline", runpod_cache, "acme/edit-model")
@@ -166,14 +166,14 @@ def test_weights_are_found_in_runpods_model_cache_without_downloading(tmp_path, 
 
 
 def test_a_pipeline_directory_is_used_as_it_is(tiny_settings):
-    from tiny_model import ensure_tiny_model
+    from qwen_edit_worker.testing.tiny_model import ensure_tiny_model
 
     directory = str(ensure_tiny_model(tiny_settings.model_dir) / "pipeline")
     assert model_loader.resolve_model_path(Settings.from_env({"MODEL_ID": directory})) == directory
 
 
 def test_lora_is_found_in_model_dir_before_any_download(tmp_path, tiny_settings):
-    from tiny_model import ensure_tiny_model
+    from qwen_edit_worker.testing.tiny_model import ensure_tiny_model
 
     cache = tmp_path / "model-dir"
     repo_dir = cache / "models--acme--lightning"
@@ -201,7 +201,7 @@ def test_fp8_needs_a_float8_gpu(tmp_path):
 def test_lightning_is_fused_at_alpha_over_rank_times_up_down_per_module(tiny_env, base_holder):
     from safetensors.torch import load_file
 
-    from tiny_model import TINY_LORA_ALPHA, TINY_LORA_RANK, ensure_tiny_model
+    from qwen_edit_worker.testing.tiny_model import TINY_LORA_ALPHA, TINY_LORA_RANK, ensure_tiny_model
 
     assert TINY_LORA_ALPHA / TINY_LORA_RANK != 1  # alpha = rank could not catch an ignored alpha
     state = load_file(ensure_tiny_model(tiny_env()["MODEL_DIR"]) / "lightning-lora.safetensors")
@@ -221,7 +221,7 @@ def test_lightning_is_fused_at_alpha_over_rank_times_up_down_per_module(tiny_env
 def test_a_lora_that_reaches_no_layer_is_refused(base_holder, tmp_path):
     from safetensors.torch import save_file
 
-    from loras import LoraError, load_lora
+    from qwen_edit_worker.loras.loading import LoraError, load_lora
 
     # Keyed for another model: diffusers only warns and loads nothing.
     save_file({"unet.mid.lora_A.weight": torch.randn(4, 16), "unet.mid.lora_B.weight": torch.randn(16, 4)},

@@ -202,7 +202,7 @@ def test_a_job_holding_a_huge_integer_does_not_lose_the_jobs_taken_with_it(stand
 def test_lora_jobs_through_the_sdk_loop_get_the_same_pixels_whatever_ran_beside_them(standin, tiny_env, tmp_path,
                                                                                    base_holder):  # fmt: skip
     from tests.image_server import ImageServer
-    from tests.test_loras import low_rank, written
+    from tests.loras.test_loras import low_rank, written
 
     server = ImageServer()
     pipe = base_holder.get().pipe

@@ -7,11 +7,11 @@ import asyncio
 import time
 
 from config import Settings
-from service import EditService
+from qwen_edit_worker.service import EditService
 from tests.conftest import random_image
 from tests.image_server import ImageServer
+from tests.jobs.test_images import png_bytes
 from tests.test_handler import SAMPLE
-from tests.test_images import png_bytes
 
 
 def test_a_base64_job_beside_many_slow_urls_is_served_at_its_usual_speed(tiny_env, base_holder):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import schema
 from config import LIBRARY_VARIABLES, Settings, variable_names, variable_specs
+from qwen_edit_worker.jobs import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_PACKAGES = {"torch", "torchvision", "diffusers", "transformers", "accelerate", "peft", "bitsandbytes",
@@ -35,9 +35,11 @@ def test_dockerfile_installs_requirements_and_runs_the_handler():
     assert re.search(r"^FROM nvidia/cuda:\S+$", text, re.M)
     assert re.search(r"^COPY requirements\.txt", text, re.M) and "pip install -r requirements.txt" in text
     assert re.search(r'^CMD \["python", "-u", "handler.py"\]$', text, re.M)
-    assert re.search(r"^COPY \*\.py test_input\.json \./$", text, re.M)  # every module ships
+    assert re.search(r"^COPY \*\.py test_input\.json \./$", text, re.M)  # the top-level modules ship
+    assert re.search(r"^COPY qwen_edit_worker \./qwen_edit_worker$", text, re.M)  # and the package
     # The start-up's files are listed once the code is in place (the listing imports it).
-    assert re.search(r"^RUN python import_set\.py$", text, re.M) and text.index("import_set.py") > text.index("COPY *.py")
+    listing = "RUN python -m qwen_edit_worker.startup.import_set"
+    assert re.search(rf"^{re.escape(listing)}$", text, re.M) and text.index(listing) > text.index("COPY qwen_edit_worker")
     assert "tests" in (ROOT / ".dockerignore").read_text().split()
     # triton (torch.compile on a GPU) compiles a C launcher at run time; --no-install-recommends
     # leaves out libc6-dev unless it is named.
@@ -66,12 +68,12 @@ def test_build_script_targets_amd64_and_takes_image_tag_and_the_lightning_to_bak
 
 
 def test_the_dockerfile_bakes_lightning_only_when_asked_into_the_cache_the_loader_reads():
-    import bake_lightning
     from config import IMAGE_HF_CACHE
+    from qwen_edit_worker.startup import bake_lightning
 
     text = (ROOT / "Dockerfile").read_text()
     assert 'ARG BAKE_LIGHTNING=""' in text
-    assert 'RUN if [ -n "$BAKE_LIGHTNING" ]; then python bake_lightning.py "$BAKE_LIGHTNING"; fi' in text
+    assert 'RUN if [ -n "$BAKE_LIGHTNING" ]; then python -m qwen_edit_worker.startup.bake_lightning "$BAKE_LIGHTNING"; fi' in text
     assert IMAGE_HF_CACHE in Settings.from_env({}).hf_cache_dirs
     with pytest.raises(SystemExit, match="--bake-lightning takes steps from"):
         bake_lightning.bake("16")
@@ -121,11 +123,26 @@ def test_runpod_test_manifest_uses_configs_variables():
     assert any(test["input"].get("loras") for test in tests["tests"])
 
 
-def test_readme_documents_every_variable_and_the_test_command():
+def test_the_configuration_document_lists_every_variable_once_with_configs_default():
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| `")]
+    documented = [name.strip("|` ") for row in rows for name in row[0].split(", ")]
+    assert sorted(documented) == sorted([*variable_names(), *LIBRARY_VARIABLES])  # each once
+    defaults = {name.strip("|` "): row[1] for row in rows for name in row[0].split(", ")}
+    for name, spec in variable_specs().items():
+        if spec.kind != "string" and not spec.derived:  # a number or a switch: the default as config reads it
+            shown = str(spec.default).lower() if spec.kind == "boolean" else f"{spec.default:.15g}"
+            assert f"`{shown}`" in defaults[name], name
+
+
+def test_the_readme_is_short_names_the_test_command_and_links_every_document():
     readme = (ROOT / "README.md").read_text()
-    missing = [name for name in variable_names() if f"`{name}`" not in readme]
-    assert missing == []
+    assert len(readme.splitlines()) <= 300
     assert "make test" in readme and "make demo" in readme
+    for document in (ROOT / "docs").glob("*.md"):
+        assert f"(docs/{document.name})" in readme, document.name
+    links = re.findall(r"\]\(([^)#]+\.md)", "".join(p.read_text() for p in (ROOT / "docs").glob("*.md")))
+    assert all((ROOT / "docs" / link).resolve().exists() for link in links), links
 
 
 def test_ci_runs_the_readme_test_command():
@@ -141,3 +158,20 @@ def test_benchmarks_name_the_pinned_versions_as_the_stack_measured():
                 if "==" in line and not line.startswith("#"))  # fmt: skip
     assert len(measured) >= 10
     assert {name: pins.get(name.replace("_", "-"), pins.get(name)) for name in measured} == measured
+
+
+def test_the_version_is_the_release_changes_names_first():
+    import qwen_edit_worker
+
+    first = re.search(r"^## (\S+)", (ROOT / "CHANGES.md").read_text(), re.M).group(1)
+    assert first == qwen_edit_worker.__version__
+
+
+def test_benchmarks_hold_current_results_under_headings_that_name_no_order_of_work():
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    headings = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert not re.search(r"\b(session|current code|earlier|previous|before|again|first|second|third|fourth|fifth|sixth|"
+                         r"seventh|eighth|ninth|tenth|eleventh|twelfth|thirteenth)\b", headings, re.I), headings  # fmt: skip
+    assert "session" not in text.lower()
+    commands = re.findall(r"benchmarks/(\w+\.py)", text)
+    assert {c for c in commands if not (ROOT / "benchmarks" / c).exists()} <= {"png_levels.py"}  # removed, named with its commit
