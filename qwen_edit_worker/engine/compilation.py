@@ -22,6 +22,22 @@ RECOMPILE_LIMIT = 64
 T = TypeVar("T")
 
 
+def keep_the_fake_cuda_guard_alive() -> None:
+    """On a machine without a GPU, torch's CUDA build gives dynamo a stand-in CUDA device guard
+    the first time a thread traces (`torch._C._ensureCUDADeviceGuardSet`) and keeps it in that
+    thread's thread-local storage while the process-wide registry points at it. When the thread
+    ends, the registry is left pointing at freed memory, and the next trace on another thread
+    crashes the process (a segmentation fault). The worker traces on threads that come and go
+    (GPU lanes, idle warm-ups, services closed and made again), so the stand-in is made here,
+    once, on the thread that imports this module: the main thread, which lives as long as the
+    process. On a GPU, or on a CPU-only build of torch, there is nothing to do."""
+    if torch.backends.cuda.is_built() and not torch.cuda.is_available():
+        torch._C._ensureCUDADeviceGuardSet()
+
+
+keep_the_fake_cuda_guard_alive()
+
+
 def should_compile(settings: Settings, device: torch.device, bnb_quantized: bool, offload: str) -> bool:
     """COMPILE_TRANSFORMER=auto compiles where it was measured to pay (a GPU); true also on a CPU.
     bitsandbytes layers and offload hooks were never measured compiled: those stay eager."""

@@ -421,3 +421,36 @@ def test_batches_that_overlap_and_end_out_of_order_leave_compiling_on(tiny_env):
     torch._dynamo.reset()
     torch.compile(lambda x: torch.sin(x) + 3, backend=counting)(torch.ones(2))
     assert len(graphs) == 1
+
+
+TRACES_ON_THREADS_THAT_END = """
+import threading
+import torch
+from qwen_edit_worker.engine import compilation  # what every worker process imports before it compiles
+
+
+def trace(k):
+    torch.compile(lambda x: x * k + 1, backend="eager")(torch.ones(3))  # dynamo traces: the CUDA guard is asked for
+
+
+for k in range(3):  # GPU lanes, idle warm-ups and services that close: threads that trace and end
+    thread = threading.Thread(target=trace, args=(k,))
+    thread.start()
+    thread.join()
+print("traced on 3 threads")
+"""
+
+
+def test_traces_on_threads_that_end_do_not_crash_a_process_without_a_gpu():
+    """torch's CUDA build keeps dynamo's stand-in CUDA guard in the first tracing thread's
+    storage: once that thread ended, the next trace segfaulted the process (it killed the test
+    process twice, depending on the order the tests ran in)."""
+    import subprocess
+    import sys
+
+    from tests.test_handler import ROOT
+
+    done = subprocess.run([sys.executable, "-c", TRACES_ON_THREADS_THAT_END], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "traced on 3 threads" in done.stdout
