@@ -147,8 +147,10 @@ def child() -> None:
 def cold_job(index: int) -> dict:
     from real_size import PROMPTS, input_png
 
+    # Steps and CFG scale spelled out (the worker's Lightning-8 defaults) so the stock pipeline runs the same jobs.
     return {"id": f"cold-{index}", "input": {"prompt": PROMPTS[index % len(PROMPTS)], "image_base64": input_png(1024, index),
-                                             "width": 1024, "height": 1024, "seed": index}}  # fmt: skip
+                                             "width": 1024, "height": 1024, "seed": index, "num_inference_steps": 8,
+                                             "true_cfg_scale": 1.0}}  # fmt: skip
 
 
 async def waiting_jobs(service, count: int, concurrency: int) -> list[tuple[float, dict]]:
@@ -203,8 +205,7 @@ def stock_child() -> None:
     pipe.unload_lora_weights()
     pipe.set_progress_bar_config(disable=True)
     loaded = startup_clock.seconds_since_start()
-    jobs = [dict(cold_job(i), input=dict(cold_job(i)["input"], num_inference_steps=8, true_cfg_scale=1.0))
-            for i in range(int(os.environ.get("COLD_START_QUEUE", "1")))]  # fmt: skip
+    jobs = [cold_job(i) for i in range(int(os.environ.get("COLD_START_QUEUE", "1")))]
     _, latencies = stock_one_at_a_time(pipe, jobs, settings)
     answers = [(loaded + s, {}) for s in latencies]
     print("RESULT " + json.dumps({"first_result_s": round(answers[0][0], 1), "error": None, "job_timings_ms": None,

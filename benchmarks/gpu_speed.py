@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from real_size import PROMPTS, build_pipeline, input_png, random_transformer  # noqa: E402, F401 - the shared builder
+from real_size import PROMPTS, build_pipeline, input_png, random_transformer  # noqa: E402 - the shared builder
 
 from config import Settings  # noqa: E402
 from model_loader import LIGHTNING_SCHEDULER_CONFIG, LoadedModel  # noqa: E402
