@@ -181,6 +181,7 @@ class EditEngine:
         self._model = model
         self.default_output_area = settings.reference_image_area if settings.is_tiny else DEFAULT_OUTPUT_AREA
         self._idle_warm_ups: list[_WarmUp] = []
+        self._warm_up_running = False  # the last idle warm-up is off the list but still compiling
         # Whether batches may form (`batch_limit`): set once the model serves (`start_serving`),
         # and on a compiled model once the batch graphs are compiled too (`warm_up_idle`).
         self._batch_graphs = False
@@ -253,12 +254,16 @@ class EditEngine:
         a graph not compiled yet runs without it (`compilation.serving`)."""
         if not self._idle_warm_ups:
             return False
-        step = self._idle_warm_ups.pop(0)
-        self._warm_up_edit(self._model(), step)
-        while step.batch > 1 and self._idle_warm_ups and self._idle_warm_ups[0].batch > 1:
-            # the batch graphs in one go: a job that comes meanwhile waits for them once, not once each
+        self._warm_up_running = True
+        try:
             step = self._idle_warm_ups.pop(0)
             self._warm_up_edit(self._model(), step)
+            while step.batch > 1 and self._idle_warm_ups and self._idle_warm_ups[0].batch > 1:
+                # the batch graphs in one go: a job that comes meanwhile waits for them once, not once each
+                step = self._idle_warm_ups.pop(0)
+                self._warm_up_edit(self._model(), step)
+        finally:
+            self._warm_up_running = False
         if self._batch_steps_queued and not any(s.batch > 1 for s in self._idle_warm_ups):
             self._batch_graphs = True  # the batch warm-ups are done: batches may form
         return bool(self._idle_warm_ups)
@@ -302,8 +307,8 @@ class EditEngine:
 
     @property
     def warming_up(self) -> bool:
-        """Whether idle warm-ups remain (`warm_up_idle`)."""
-        return bool(self._idle_warm_ups)
+        """Whether idle warm-ups remain or one is still running (`warm_up_idle`)."""
+        return bool(self._idle_warm_ups) or self._warm_up_running
 
     def _warm_up_edit(self, model: LoadedModel, step: _WarmUp) -> None:
         # Batches at a small size: the image's length is symbolic, so their graphs serve every size.
