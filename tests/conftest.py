@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# Every graph the worker compiles is traced by dynamo and AOTAutograd as in production, then
+# run by AOTAutograd's eager backend: inductor's C++ code generation (about 1.3 s of g++ per
+# kernel, some 30 kernels per graph on this model) is left to the tests whose subject it is,
+# which ask for the `inductor` fixture. `TORCH_COMPILE_OVERRIDE_BACKENDS= make test` (empty)
+# compiles every graph with inductor.
+os.environ.setdefault("TORCH_COMPILE_OVERRIDE_BACKENDS", ">=0:aot_eager")  # before torch reads its config
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +19,8 @@ from PIL import Image
 from config import Settings
 from model_loader import ModelHolder
 from qwen_edit_worker.engine.edit_engine import EditEngine
+
+torch._dynamo.config.debug_backend_override = os.environ["TORCH_COMPILE_OVERRIDE_BACKENDS"]  # were torch imported first
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +69,15 @@ def compile_stance():
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
+
+
+@pytest.fixture
+def inductor(monkeypatch):
+    """Graphs compiled by the backend asked for (the worker's: inductor), in this process and
+    in the processes it starts: for the tests of inductor's code, cache and compiler."""
+    monkeypatch.setenv("TORCH_COMPILE_OVERRIDE_BACKENDS", "")
+    with torch._dynamo.config.patch(debug_backend_override=""):
+        yield
 
 
 @pytest.fixture(scope="session")
