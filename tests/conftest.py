@@ -71,6 +71,15 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def wait_for_idle_warm_ups(service, timeout_s: float = 120) -> None:
+    """Until the service's idle warm-ups (LoRA slots, batch sizes) have compiled, or `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while service.engine.warming_up and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def inductor(monkeypatch):
     """Graphs compiled by the backend asked for (the worker's: inductor), in this process and

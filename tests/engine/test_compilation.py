@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from config import Settings
+from tests.conftest import wait_for_idle_warm_ups
 from tests.test_handler import SAMPLE, run_handler, worker_env
 
 JOB = {"input": {"prompt": "make the sky blue", "image_base64": SAMPLE, "seed": 5, "num_inference_steps": 2,
@@ -389,9 +390,7 @@ def test_a_queue_met_at_start_runs_on_compiled_graphs_only_and_batches_once_they
     try:
         queued = asyncio.run(burst(jobs(6, "queued")))
         assert [a["batch_size"] for a in queued] == [1] * 6, queued
-        deadline = time.monotonic() + 240
-        while service.engine.warming_up and time.monotonic() < deadline:  # the batch graphs, while idle
-            time.sleep(0.1)
+        wait_for_idle_warm_ups(service, timeout_s=240)  # the batch graphs, while idle
         later = asyncio.run(burst(jobs(8, "later")))
     finally:
         service.close()

@@ -233,11 +233,11 @@ def test_context_mode_applies_per_request_loras_as_one_process(inductor_cache, t
     a GPU): the same images as one process (uncompiled there: diffusers' own LoRA loading, which
     the slots must match anyway)."""
     import asyncio
-    import time
 
     from config import Settings
     from qwen_edit_worker.service import EditService
     from qwen_edit_worker.testing.tiny_model import build_tiny_pipeline
+    from tests.conftest import wait_for_idle_warm_ups
     from tests.image_server import ImageServer
     from tests.loras.test_loras import job, low_rank, pixels, written
 
@@ -257,9 +257,7 @@ def test_context_mode_applies_per_request_loras_as_one_process(inductor_cache, t
         try:
             if settings.compile_transformer:  # jobs after the slots' graphs, as on a worker up for a while:
                 service.started.wait(120)  # compiles on a job are the subject of `test_compilation`
-                deadline = time.monotonic() + 120
-                while service.engine.warming_up and time.monotonic() < deadline:
-                    time.sleep(0.1)
+                wait_for_idle_warm_ups(service)
             return [asyncio.run(service.handle(j)) for j in jobs]
         finally:
             service.close()

@@ -18,6 +18,7 @@ from config import Settings
 from model_loader import ModelHolder
 from qwen_edit_worker.loras.adapters import block_linears
 from qwen_edit_worker.service import EditService
+from tests.conftest import wait_for_idle_warm_ups
 from tests.image_server import ImageServer
 from tests.test_handler import SAMPLE
 
@@ -334,9 +335,7 @@ def test_a_compiled_worker_hot_swaps_loras_without_recompiling(inductor_cache, t
     try:
         # The first job of a new shape compiles it for 0, 1 and 2 active slots: then switching LoRAs must not.
         answers = [run(compiled, None, job(loras, seed=40), service=service)[0] for loras in sequence[:3]]
-        deadline = time.monotonic() + 120
-        while service.engine.warming_up and time.monotonic() < deadline:  # compiled while idle
-            time.sleep(0.1)
+        wait_for_idle_warm_ups(service)  # compiled while idle
         graphs = counters["stats"]["unique_graphs"]
         answers += [run(compiled, None, job(loras, seed=40), service=service)[0] for loras in sequence[3:]]
         assert counters["stats"]["unique_graphs"] == graphs  # no recompilation across LoRA sets
@@ -424,9 +423,7 @@ def first_job_during_the_warm_up(settings: Settings, request: dict, monkeypatch,
         try:
             answer = run(settings, None, request, service=service)[0]
             answered = len(caplog.records)
-            deadline = time.monotonic() + 120
-            while service.engine.warming_up and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_for_idle_warm_ups(service)
         finally:
             service.close()  # lets the idle step that is running finish, and log, first
     return answer, [r.getMessage() for r in caplog.records], answered
