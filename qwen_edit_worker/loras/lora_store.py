@@ -218,9 +218,11 @@ class LoraStore:
     def _evict(self) -> None:
         """Remove the least recently used files until the cache is under LORA_CACHE_GB; files
         that jobs hold stay (the cache may be over its bound until they are released)."""
-        files = sorted(self.root.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
-        total = self._bytes(files)
+        # Listed and removed under the lock: a job's release and another job's fetch may evict
+        # at once, and one would otherwise stat or remove a file the other has just removed.
         with self._lock:
+            files = sorted(self.root.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+            total = self._bytes(files)
             for path in files:
                 if total <= self._limit():
                     break
