@@ -42,7 +42,7 @@ def _rank(rank: int, world: int, store: str, path: str | None, compiled: bool, r
     from diffusers import QwenImageTransformer2DModel
     from torch._dynamo.utils import counters
 
-    from qwen_edit_worker.engine import context_parallel, rope_attention
+    from qwen_edit_worker.engine import compilation, context_parallel, rope_attention
     from qwen_edit_worker.testing.tiny_model import TINY_TRANSFORMER
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -56,9 +56,10 @@ def _rank(rank: int, world: int, store: str, path: str | None, compiled: bool, r
     with torch.inference_mode():
         alone = [transformer(**case)[0] for case in cases]
         context_parallel.enable(transformer, context_parallel.Ranks(rank, world, dist.group.WORLD))
-        if compiled:  # as the worker does (`compilation.compile_transformer`), a graph per shape
+        if compiled:  # as the worker does (`compilation.compile_transformer`): lengths symbolic
             torch._dynamo.config.recompile_limit = 64
             transformer.compile_repeated_blocks(fullgraph=True)
+            compilation.sequences_dynamic(transformer)
         split = [transformer(**case)[0] for case in cases]
     errors = [float((b - a).norm() / a.norm()) for a, b in zip(alone, split)]
     with open(f"{results}.{rank}", "w") as out:
