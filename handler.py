@@ -13,7 +13,7 @@ import signal
 import sys
 
 from config import ConfigError, Settings
-from qwen_edit_worker.startup import library_logs, model_files, prefetch, startup_clock
+from qwen_edit_worker.startup import cpu_name, library_logs, model_files, prefetch, startup_clock
 
 log = logging.getLogger("qwen_edit_worker")
 library_logs.quiet()  # before any library loads, in this process and in the GPU processes it spawns
@@ -57,6 +57,7 @@ if __name__ == "__main__":
 
     compilation.start_workers(SETTINGS)  # torch's compile workers start beside the imports still to come
 
+cpu_name.install()  # runpod's import would start a second Python process to name the CPU
 import runpod  # noqa: E402 - after the prefetch started
 from runpod.serverless.modules.worker_state import IS_LOCAL_TEST  # noqa: E402
 
