@@ -12,7 +12,7 @@ from PIL import Image
 
 from config import Settings
 from tests.conftest import wait_for_idle_warm_ups
-from tests.test_handler import SAMPLE, run_handler, worker_env
+from tests.test_handler import SAMPLE, decoded, run_handler, worker_env
 
 JOB = {"input": {"prompt": "make the sky blue", "image_base64": SAMPLE, "seed": 5, "num_inference_steps": 2,
                  "width": 64, "height": 64}}  # fmt: skip
@@ -108,8 +108,6 @@ def test_a_compiled_worker_matches_eager_and_the_next_one_on_its_volume_starts_f
     """With a compiler the transformer is compiled (inductor, from an empty cache), before the
     text encoder loads, and its pixels are eager's; its compile cache goes to the volume, and
     a worker in a new container on the same volume compiles nothing."""
-    import base64
-    import io
     import shutil
     import subprocess
     import sys
@@ -141,7 +139,7 @@ def test_a_compiled_worker_matches_eager_and_the_next_one_on_its_volume_starts_f
     assert results[0]["misses"] > 0  # the first compiled its graphs
     assert results[1]["hits"] > 0 and results[1]["misses"] == 0  # restored before compiling: found them all
     assert results[0]["image"] == results[1]["image"]
-    compiled = np.asarray(Image.open(io.BytesIO(base64.b64decode(results[0]["image"])))).astype(int)
+    compiled = np.asarray(decoded(results[0]["image"])).astype(int)
     assert np.abs(compiled - eager_pixels).max() <= 1  # float32 kernels fused differently: at most 1/255
 
 
