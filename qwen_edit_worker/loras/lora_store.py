@@ -192,23 +192,31 @@ class LoraStore:
             except lora_files.LoraError as error:
                 self._refused[sha] = str(error).removeprefix(subject).lstrip()
                 raise
-            kept = self.root / f"{sha}.safetensors"
-            if owned:
-                os.replace(path, kept)
-            elif not kept.exists():  # a file in another cache: keep a link (or a copy) under ours
-                try:
-                    os.link(path.resolve(), kept)
-                except OSError:
-                    kept = path.resolve()
+            # Put in the folder and counted in use in one step under the lock: an eviction for
+            # another job between the two would see a file no job holds, and remove it.
+            with self._lock:
+                kept = self._place(path, sha, owned)
+                self._in_use[sha] = self._in_use.get(sha, 0) + 1  # this job's: never evicted under it
+                self._load_index()[_source_key(source)] = sha
+                self._write_index()
         finally:
             if owned and path.exists():
                 path.unlink()
-        with self._lock:
-            self._in_use[sha] = self._in_use.get(sha, 0) + 1  # this job's: never evicted under it
-            self._load_index()[_source_key(source)] = sha
-            self._write_index()
         self._evict()
         return LoraFile(source, kept, sha, text_encoder)
+
+    def _place(self, path: Path, sha: str, owned: bool) -> Path:
+        """The checked file under its hash in the cache folder (moved there if the store
+        fetched it; a link, or the file itself, if it lies in another cache)."""
+        kept = self.root / f"{sha}.safetensors"
+        if owned:
+            os.replace(path, kept)
+        elif not kept.exists():
+            try:
+                os.link(path.resolve(), kept)
+            except OSError:
+                kept = path.resolve()
+        return kept
 
     def _write_index(self) -> None:
         tmp = self._index_path.with_suffix(f".{uuid.uuid4().hex}.tmp")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -65,6 +67,38 @@ def test_files_in_use_are_never_evicted_and_a_job_too_large_for_the_cache_is_tol
     first, second = run(one_and_a_half, holder, job(both[:1], seed=1), job(both[1:], seed=2))
     assert "output_image_base64" in first and "output_image_base64" in second
     assert len(list((tmp_path / "loras").glob("*.safetensors"))) == 1  # then the bound holds again
+
+
+def test_a_file_is_counted_in_use_before_an_eviction_can_see_it(holder, settings, server, tmp_path, monkeypatch):
+    """A fetch that puts its file in the cache and another job's eviction at that moment: the
+    eviction must not remove the new file (it once could, before the file was counted in use,
+    and the job then failed reading it or ran without the room check)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qwen_edit_worker.jobs.schema import LoraInput
+    from qwen_edit_worker.loras import lora_store
+
+    for seed in (28, 29):
+        server.serve_bytes(f"/{seed}.safetensors", written(low_rank(holder.get().pipe, seed=seed), "peft"))
+    size = len(written(low_rank(holder.get().pipe, seed=28), "peft"))
+    downloads = ThreadPoolExecutor(2)
+    store = lora_store.LoraStore(dataclasses.replace(settings, lora_cache_gb=1.5 * size / 1024**3), downloads)
+    first = store.obtain(0, LoraInput(path=server.url("/28.safetensors")))  # held by its job
+    placing = os.replace
+
+    def replace_while_another_job_evicts(src, dst):
+        placing(src, dst)
+        if str(dst).endswith(".safetensors"):  # the moment the new file is in the cache folder
+            another_job = threading.Thread(target=store._evict)
+            another_job.start()
+            another_job.join(timeout=1)  # it waits for the lock, or (the old code) removes the file
+
+    monkeypatch.setattr(lora_store.os, "replace", replace_while_another_job_evicts)
+    second = store.obtain(1, LoraInput(path=server.url("/29.safetensors")))
+    monkeypatch.undo()
+    store._evict()
+    assert first.path.exists() and second.path.exists()  # both held by jobs: over the bound, none removed
+    downloads.shutdown()
 
 
 def test_the_index_on_the_volume_keeps_no_url_and_hub_downloads_leave_no_folders(holder, settings, server, hub, tmp_path):
