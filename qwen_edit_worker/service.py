@@ -253,9 +253,9 @@ class EditService:
         """`engine.run_batch`; with GPU_PARALLELISM=context, a failure after a follower stopped is `RankLost`."""
         try:
             results = engine.run_batch(requests)
-        except Exception:
+        except Exception as error:
             if self.followers is not None:
-                self.followers.check()  # the failure is the stopped follower's (chained as its context)
+                self.followers.check_after(error)  # the failure is the stopped follower's (chained as its context)
             raise
         if self.followers is not None:
             # on NCCL the watch ended the group mid-batch: what the aborted collectives left is not an image

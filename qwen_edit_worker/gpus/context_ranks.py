@@ -29,6 +29,8 @@ import os
 import queue
 import tempfile
 import threading
+import time
+import traceback
 from datetime import timedelta
 from typing import Callable
 
@@ -47,6 +49,9 @@ log = logging.getLogger("qwen_edit_worker.ranks")
 # forward's collectives: rank 0's first forward waits while the followers load the model, as
 # it has (about as long).
 TIMEOUT = timedelta(minutes=10)
+# How long a failed collective waits to see a follower stopped: a killed process's sockets are
+# closed (and the collective fails) before its parent can see that it has exited.
+LOST_GRACE_S = 3.0
 
 
 class RankLost(RuntimeError):
@@ -55,6 +60,14 @@ class RankLost(RuntimeError):
 
 def _backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _raised_by_a_collective(error: BaseException) -> bool:
+    """Whether `error` came out of torch.distributed (gloo raises plain RuntimeErrors)."""
+    if isinstance(error, dist.DistError):
+        return True
+    marker = f"torch{os.sep}distributed{os.sep}"
+    return any(marker in frame.filename for frame in traceback.extract_tb(error.__traceback__))
 
 
 def _join(store: str, rank: int, world: int, device: torch.device, timeout: timedelta) -> Ranks:
@@ -137,6 +150,17 @@ class Followers:
         """`RankLost` if a follower has stopped."""
         if lost := self.lost():
             raise RankLost(f"{', '.join(lost)} of the GPU processes stopped")
+
+    def check_after(self, error: BaseException) -> None:
+        """`RankLost` if a follower has stopped, after a forward failed with `error`. Where a
+        collective raised it, the follower may be gone without being seen stopped yet (the
+        kernel closes a killed process's sockets before its exit shows): wait up to
+        `LOST_GRACE_S` for it, so that the job and the worker are told a GPU process stopped."""
+        if _raised_by_a_collective(error):
+            deadline = time.monotonic() + LOST_GRACE_S
+            while not self.lost() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.check()
 
     def announce(self, call: dict | None) -> None:
         """Tell every follower about one forward (None: stop), then send its tensors."""
