@@ -30,10 +30,15 @@ VOLUME_MODEL_DIR_NAME = "qwen-edit-worker"
 STOCK_REFERENCE_AREA = 1024 * 1024  # what diffusers' pipeline encodes references at
 TINY_REFERENCE_AREA = 64 * 64
 
-# diffusers attention backends that apply an arbitrary padding mask. The others either raise
-# on a mask (flash, sage, ...) or, the varlen ones, assume the valid keys come first, which
-# Qwen's joint [text | padding | image] layout breaks: with those, texts are never padded.
-MASKED_ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_math", "flex", "xformers")
+# The worker's own attention choices besides diffusers' backends: `auto` is FlashAttention-3
+# where it runs (Hopper, bfloat16, fa3-fwd installed) and `native` elsewhere; `fa3` insists on it.
+WORKER_ATTENTION = ("auto", "fa3")
+# Attention that applies the padded text's mask. diffusers' other backends either raise on a
+# mask (flash, sage, ...) or, the varlen ones, assume the valid keys come first, which Qwen's
+# joint [text | padding | image] layout breaks: with those, texts are never padded. The
+# worker's FA3 orders the keys so that they do (`flash_attention`).
+MASKED_ATTENTION_BACKENDS = (*WORKER_ATTENTION, "native", "_native_cudnn", "_native_efficient", "_native_math", "flex",
+                             "xformers")  # fmt: skip
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -54,7 +59,7 @@ class Settings:
     lightning_repo: str = "lightx2v/Qwen-Image-Lightning"
     lightning_weight_name: str = ""
     cpu_offload: str = "auto"
-    attention_backend: str = "native"
+    attention_backend: str = "auto"
     vae_tiling: bool = False
     vae_slicing: bool = False
     reference_image_area: int = STOCK_REFERENCE_AREA
@@ -275,10 +280,10 @@ def _inductor_default_cache_dir() -> str | None:
 
 
 def attention_backends() -> tuple[str, ...]:
-    """The backend names diffusers' `set_attention_backend` accepts."""
+    """The worker's own choices, then the backend names diffusers' `set_attention_backend` accepts."""
     from diffusers.models.attention_dispatch import AttentionBackendName
 
-    return tuple(backend.value for backend in AttentionBackendName)
+    return (*WORKER_ATTENTION, *(backend.value for backend in AttentionBackendName))
 
 
 def variable_names() -> list[str]:

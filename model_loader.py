@@ -19,8 +19,8 @@ from typing import Callable
 
 import torch
 
-from config import Settings
-from qwen_edit_worker.engine import compilation, compile_cache, context_parallel, fp8, rope_attention, stand_in
+from config import WORKER_ATTENTION, Settings
+from qwen_edit_worker.engine import compilation, compile_cache, context_parallel, flash_attention, fp8, rope_attention, stand_in
 from qwen_edit_worker.engine.compilation import compile_transformer, should_compile
 from qwen_edit_worker.engine.context_parallel import Ranks
 from qwen_edit_worker.engine.devices import check_precision_supported, resolve_device_and_dtype
@@ -226,7 +226,7 @@ def _place(pipe, offload: str, device: torch.device, quantized: bool) -> None:
 
 
 def _apply_memory_options(pipe, settings: Settings) -> None:
-    if settings.attention_backend != "native":
+    if settings.attention_backend not in ("native", *WORKER_ATTENTION):  # the worker's own: `flash_attention.use`
         with timed(log, f"attention backend {settings.attention_backend}"):
             pipe.transformer.set_attention_backend(settings.attention_backend)
     if pipe.vae is None:  # a context follower
@@ -322,7 +322,7 @@ def _load_while_compiling(settings: Settings, path: str, device: torch.device, d
     patches module construction for the whole process while it runs."""
     with timed(log, "preparing a one-block stand-in to compile on"):
         pipe = stand_in.one_block_pipeline(path, device, dtype)
-        slots = _shaped(settings, pipe, None, True, restoring)
+        slots = _shaped(settings, pipe, device, dtype, None, True, restoring)
         model = _loaded(settings, pipe, device, dtype, "none", True, slots)
 
     def read():
@@ -350,18 +350,20 @@ def _prepared(settings: Settings, pipe, device: torch.device, dtype: torch.dtype
         _load_lightning(pipe, settings, bnb_quantized)
     _place(pipe, offload, device, bnb_quantized)
     compiled = should_compile(settings, device, bnb_quantized, offload)
-    slots = _shaped(settings, pipe, ranks, compiled, restoring)
+    slots = _shaped(settings, pipe, device, dtype, ranks, compiled, restoring)
     model = _loaded(settings, pipe, device, dtype, offload, compiled, slots)
     if ranks is not None:
         context_parallel.lead(model, ranks, settings.max_loaded_loras)  # rank 0: the followers do as it does
     return model
 
 
-def _shaped(settings: Settings, pipe, ranks: Ranks | None, compiled: bool, restoring) -> tuple[str, ...]:
-    """The transformer as it will run: real-valued RoPE, split across `ranks`, fp8, the
-    attention options, the LoRA slots in context mode and the compile set up. Returns the
-    slots' names (none where they are prepared later)."""
+def _shaped(settings: Settings, pipe, device: torch.device, dtype: torch.dtype, ranks: Ranks | None, compiled: bool,
+            restoring) -> tuple[str, ...]:  # fmt: skip
+    """The transformer as it will run: real-valued RoPE, FlashAttention-3 where it runs, split
+    across `ranks`, fp8, the attention options, the LoRA slots in context mode and the compile
+    set up. Returns the slots' names (none where they are prepared later)."""
     rope_attention.install(pipe.transformer)
+    flash_attention.use(pipe.transformer, settings.attention_backend, device, dtype)
     if ranks is not None:
         context_parallel.enable(pipe.transformer, ranks)
     if settings.precision_mode == "fp8":

@@ -42,6 +42,7 @@ from config import Settings  # noqa: E402
 from model_loader import LIGHTNING_SCHEDULER_CONFIG, LoadedModel  # noqa: E402
 from qwen_edit_worker.engine import (
     compilation,  # noqa: E402
+    flash_attention,  # noqa: E402
     fp8,  # noqa: E402
     rope_attention,  # noqa: E402
 )
@@ -224,6 +225,8 @@ def run_variant(variant, name, pipe, models, settings, jobs, warm, count, refere
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenarios", default="lightning1024,batch512,cfg1024")
+    parser.add_argument("--attention", default="auto", help="ATTENTION_BACKEND of B's variants but cudnn ones: auto "
+                        "(FlashAttention-3 on a Hopper GPU, as the worker by default), native (PyTorch's SDPA), fa3")  # fmt: skip
     parser.add_argument("--variants", default="eager,compiled", help="B variants, in this order: eager, eager-alone (MAX_BATCH_SIZE=1), compiled, compiled-alone, cfgbatch, replicas (compiled, one job at a time on each visible GPU), fp8, fp8-alone, cudnn, cudnn-alone (cuDNN attention; compiled if a compiled variant came first)")
     parser.add_argument("--out", default=".")
     parser.add_argument("--tiny", action="store_true", help="smoke-test this script on CPU with the tiny model")
@@ -276,8 +279,12 @@ def main() -> None:
     compiled = quantized = False
     replicas = [pipe]  # more, one per further GPU, when the replicas variant first runs
     for variant in ["stock", *variants]:
+        attention = "_native_cudnn" if variant.startswith("cudnn") else args.attention
         if variant != "stock":
             rope_attention.install(pipe.transformer)  # the loader's step (once); A keeps diffusers' processor
+            flash_attention.use(pipe.transformer, attention, DEVICE, DTYPE)  # the loader's choice, logged
+            for processor in pipe.transformer.attn_processors.values():
+                processor.flash = processor.flash and attention != "_native_cudnn"
         if variant.startswith("fp8") and not quantized:
             fp8.quantize(pipe.transformer)  # the production loader's own fp8 step
             print(f"transformer in fp8: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
@@ -289,11 +296,12 @@ def main() -> None:
             for index in range(1, torch.cuda.device_count()):
                 replica = build_pipeline(torch.device("cuda", index))  # the same seed: the same weights
                 rope_attention.install(replica.transformer)
+                flash_attention.use(replica.transformer, args.attention, replica.transformer.device, DTYPE)
                 compilation.compile_transformer(replica, Settings.from_env(base_env))
                 replicas.append(replica)
         env = dict(base_env, CFG_BATCHING=str(variant == "cfgbatch"),
                    MAX_BATCH_SIZE="1" if variant.endswith("-alone") or variant == "replicas" else base_env["MAX_BATCH_SIZE"],
-                   ATTENTION_BACKEND="_native_cudnn" if variant.startswith("cudnn") else "native")  # fmt: skip
+                   ATTENTION_BACKEND=attention)  # fmt: skip
         if variant.startswith("cudnn"):
             pipe.transformer.set_attention_backend("_native_cudnn")
         for name in scenarios:
@@ -339,14 +347,16 @@ def main() -> None:
                   f"{st['denoise'] / passes:.0f} | {st['decode']:.0f} |")  # fmt: skip
 
 
-# --profile variants: (linears of the blocks kept in bf16, or None for no fp8; real-valued RoPE).
+# --profile variants: (linears of the blocks kept in bf16, or None for no fp8; real-valued RoPE; FlashAttention-3).
 PROFILE_VARIANTS = {
-    "bf16-complex": (None, False),  # diffusers' own attention processor (complex-number RoPE)
-    "bf16": (None, True),  # what the worker runs
-    "fp8-all": ((), True),  # every linear of the blocks in fp8 (the worker before the recipe)
-    "fp8": (fp8.KEPT_IN_BF16, True),  # the recipe, what the worker runs
-    "fp8+mod": (tuple(k for k in fp8.KEPT_IN_BF16 if not k.endswith("_mod.1")), True),  # and the modulation layers
-    "fp8+mlp2": (tuple(k for k in fp8.KEPT_IN_BF16 if k != ".img_mlp.net.2"), True),  # and img_mlp.net.2 in fp8 too
+    "bf16-complex": (None, False, False),  # diffusers' own attention processor (complex-number RoPE)
+    "bf16": (None, True, False),  # the worker with ATTENTION_BACKEND=native (PyTorch's SDPA)
+    "bf16+fa3": (None, True, True),  # the worker on a Hopper GPU (ATTENTION_BACKEND=auto: FlashAttention-3)
+    "fp8-all": ((), True, False),  # every linear of the blocks in fp8 (the worker before the recipe)
+    "fp8": (fp8.KEPT_IN_BF16, True, False),  # the recipe, with SDPA
+    "fp8+fa3": (fp8.KEPT_IN_BF16, True, True),  # the recipe with FlashAttention-3
+    "fp8+mod": (tuple(k for k in fp8.KEPT_IN_BF16 if not k.endswith("_mod.1")), True, False),  # and the modulation layers
+    "fp8+mlp2": (tuple(k for k in fp8.KEPT_IN_BF16 if k != ".img_mlp.net.2"), True, False),  # and img_mlp.net.2 in fp8 too
 }
 
 
@@ -370,7 +380,7 @@ def profile_forwards(variants: list[str], text: int, tiny: bool, out: str) -> No
         reference = transformer(**inputs)[0].float().cpu()
     summaries = {}
     for variant in variants:
-        kept, real_rope = PROFILE_VARIANTS[variant.removesuffix("-dynamic")]
+        kept, real_rope, flash = PROFILE_VARIANTS[variant.removesuffix("-dynamic")]
         del transformer
         torch._dynamo.reset()
         if not tiny:
@@ -378,6 +388,8 @@ def profile_forwards(variants: list[str], text: int, tiny: bool, out: str) -> No
         transformer = random_transformer(device, dtype, tiny)
         if real_rope:
             rope_attention.install(transformer)
+            if flash and not flash_attention.use(transformer, "fa3", device, dtype):
+                raise SystemExit("unreachable: use raises where FlashAttention-3 cannot run")
         if kept is not None:
             fp8.quantize(transformer, kept)
         transformer.compile_repeated_blocks(fullgraph=True)

@@ -14,7 +14,7 @@ import tempfile
 import urllib.parse
 
 from config import ConfigError, Settings
-from qwen_edit_worker.engine import devices
+from qwen_edit_worker.engine import devices, flash_attention
 from qwen_edit_worker.gpus import gpus
 from qwen_edit_worker.jobs import schema
 from qwen_edit_worker.jobs.outputs import bucket_client, bucket_name, bucket_problem, redact_url
@@ -36,10 +36,13 @@ def check_device(settings: Settings) -> None:
     missing one failed each job taken meanwhile with "retry", and RunPod replaced the worker
     with one that failed the same way."""
     try:
-        device, _ = devices.resolve_device_and_dtype(settings)
+        device, dtype = devices.resolve_device_and_dtype(settings)
         devices.check_precision_supported(settings, device)
     except devices.DeviceError as error:
         raise ConfigError(str(error)) from None
+    if settings.attention_backend == "fa3" and (reason := flash_attention.unavailable_reason(device, dtype)):
+        raise ConfigError(f"ATTENTION_BACKEND=fa3 cannot be used here: {reason}; use auto (FlashAttention-3 where it "
+                          "runs, PyTorch's SDPA elsewhere) or native.")  # fmt: skip
 
 
 def check_writable(variable: str, folder: str) -> None:

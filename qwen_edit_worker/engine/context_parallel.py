@@ -122,15 +122,14 @@ def own_heads(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
 
 def joint_attention(attend, txt: tuple, img: tuple, text_mask: torch.Tensor | None, ranks: Ranks):
     """Attention over [text, image] with the image split across `ranks`: the text's and this
-    rank's image tokens' outputs, [B, L, H, D] and [B, S/N, H, D]. `attend(q, k, v, mask)` is
-    the single-GPU attention on [B, S, H, D] tensors. Two collectives: the image's q, k and v
-    go out stacked, the image's and the text's outputs come back together."""
-    txt_q, txt_k, txt_v = (own_heads(t, ranks) for t in txt)
-    img_q, img_k, img_v = heads_to_sequence(torch.stack(img), ranks).unbind(0)
-    mask = rope_attention.joint_mask(text_mask, img_q.shape[1])
-    joint = attend(torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1), torch.cat([txt_v, img_v], dim=1),
-                   mask)  # fmt: skip
-    length = txt_q.shape[1]
+    rank's image tokens' outputs, [B, L, H, D] and [B, S/N, H, D]. `attend(txt, img, text_mask)`
+    is the single-GPU joint attention (`RealRopeAttnProcessor.attend`) on this rank's heads.
+    Two collectives: the image's q, k and v go out stacked, the image's and the text's outputs
+    come back together."""
+    txt = tuple(own_heads(t, ranks) for t in txt)
+    img = tuple(heads_to_sequence(torch.stack(img), ranks).unbind(0))
+    joint = attend(txt, img, text_mask)
+    length = txt[0].shape[1]
     img_out, txt_out = back_to_ranks(joint[:, length:], joint[:, :length], ranks)
     return txt_out, img_out
 

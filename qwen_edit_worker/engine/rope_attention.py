@@ -19,6 +19,8 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
+from qwen_edit_worker.engine import flash_attention
+
 
 def real_frequencies(freqs: torch.Tensor) -> torch.Tensor:
     """Complex [S, D/2] rotations as real [S, D]: the cosines, then the sines."""
@@ -50,6 +52,7 @@ class RealRopeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
     (`context_parallel.enable`), the image tokens are split across GPUs."""
 
     ranks = None  # context_parallel.Ranks
+    flash = False  # FlashAttention-3 (`flash_attention.use`)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):  # fmt: skip
@@ -62,18 +65,23 @@ class RealRopeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
         txt = _stream(encoder_hidden_states, head_dim, txt_freqs, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
                       attn.norm_added_q, attn.norm_added_k)  # fmt: skip
         if self.ranks is not None:
-            txt_out, img_out = self.ranks.joint_attention(self._attend, txt, img, encoder_hidden_states_mask)
+            txt_out, img_out = self.ranks.joint_attention(self.attend, txt, img, encoder_hidden_states_mask)
         else:
-            joint = self._attend(*(torch.cat([t, i], dim=1) for t, i in zip(txt, img)),
-                                 joint_mask(encoder_hidden_states_mask, hidden_states.shape[1]))  # fmt: skip
+            joint = self.attend(txt, img, encoder_hidden_states_mask)
             txt_out, img_out = joint[:, : encoder_hidden_states.shape[1]], joint[:, encoder_hidden_states.shape[1] :]
         img_out = attn.to_out[0](img_out.flatten(2, 3).to(img[0].dtype).contiguous())
         if len(attn.to_out) > 1:
             img_out = attn.to_out[1](img_out)  # dropout
         return img_out, attn.to_add_out(txt_out.flatten(2, 3).to(img[0].dtype).contiguous())
 
-    def _attend(self, q, k, v, mask):
-        """Attention over [B, S, H, D] through diffusers' dispatch (the configured backend)."""
+    def attend(self, txt: tuple, img: tuple, text_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over [text, image], [B, L + S, H, D], from each stream's (q, k, v),
+        [B, L|S, H, D]: FlashAttention-3 where `flash_attention.use` set it, else diffusers'
+        dispatch (the configured backend) with the padded text masked."""
+        if self.flash:
+            return flash_attention.joint_attention(txt, img, text_mask)
+        q, k, v = (torch.cat([t, i], dim=1) for t, i in zip(txt, img))
+        mask = joint_mask(text_mask, img[0].shape[1])
         return dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=self._attention_backend)
 
 

@@ -34,6 +34,7 @@ STARTUP_MODULES = (
     "diffusers.loaders.lora_pipeline",
     "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
     "peft",
+    "fa3_fwd_interface",  # FlashAttention-3, imported when the model is shaped (Hopper GPUs)
     "safetensors.torch",
     "torch._inductor.compile_fx",
     "torch._inductor.codegen.triton",
