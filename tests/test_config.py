@@ -31,7 +31,7 @@ def test_defaults_are_the_documented_ones(in_the_image):
     assert (s.precision_mode, s.use_lightning_lora, s.lightning_steps) == ("bf16", True, 8)
     assert s.lightning_repo == "lightx2v/Qwen-Image-Lightning"
     assert s.lightning_weight_name == "Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-8steps-V1.0-bf16.safetensors"
-    assert (s.cpu_offload, s.attention_backend, s.vae_tiling, s.vae_slicing) == ("auto", "native", False, False)
+    assert (s.cpu_offload, s.attention_backend, s.vae_tiling, s.vae_slicing) == ("auto", "auto", False, False)
     assert (s.max_batch_size, s.max_concurrency, s.batch_wait_ms) == (4, 8, 50)
     assert (s.max_input_images, s.allow_private_image_urls) == (3, False)
     assert s.reference_image_area == 1024 * 1024
