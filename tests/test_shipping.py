@@ -154,7 +154,7 @@ def test_benchmarks_name_the_pinned_versions_as_the_stack_measured():
     """The speed the README quotes comes from the stack the image installs."""
     benchmarks = (ROOT / "BENCHMARKS.md").read_text()
     paragraph = benchmarks[benchmarks.index("**Versions.**"):].split("\n\n", 1)[0].replace("\n", " ")
-    measured = dict(re.findall(r"([a-z_]+) (\d+\.\d+\.\d+)(?:\+cu\d+)?,", paragraph.split("(Pillow")[0]))
+    measured = dict(re.findall(r"([a-z][a-z0-9_-]*) (\d+\.\d+\.\d+)(?:\+cu\d+)?,", paragraph.split("(Pillow")[0]))
     pins = dict(line.split("==") for line in requirement_lines("requirements.txt"))
     assert len(measured) >= 10
     assert {name: pins.get(name.replace("_", "-"), pins.get(name)) for name in measured} == measured

@@ -2,8 +2,9 @@
 
 `fa3-fwd` ships FlashAttention-3's forward pass as a wheel (`fa3_fwd_interface`), built for
 sm90 in bfloat16, with its operator registered for torch.compile. For one 1024² edit's
-attention on an H100 (B=1, 8392 tokens, 24 heads of 128) it took 1.17 ms where PyTorch's
-SDPA (cuDNN) took 1.36.
+attention on an H100 (B=1, 8392 tokens, 24 heads of 128) it takes 1.34 ms where PyTorch's
+SDPA (cuDNN) takes 1.47, and 2.81 against 4.45 ms for two samples with a padded text
+(`benchmarks/attention_kernels.py`, BENCHMARKS.md).
 
 FA3 takes no mask, and a batch of prompts of unequal length pads the shorter texts, whose
 padding sits between the text and the image in the blocks' [text, image] order. Attention does
