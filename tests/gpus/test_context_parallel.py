@@ -38,13 +38,14 @@ def _inputs(transformer) -> list[dict]:
     return [*cases, batch, odd]
 
 
-def _rank(rank: int, world: int, store: str, path: str | None, compiled: bool, results: str) -> None:
+def _rank(rank: int, world: int, store: str, path: str | None, compiled: bool, results: str, flash: bool = False) -> None:
     import torch.distributed as dist
     from diffusers import QwenImageTransformer2DModel
     from torch._dynamo.utils import counters
 
-    from qwen_edit_worker.engine import compilation, context_parallel, rope_attention
+    from qwen_edit_worker.engine import compilation, context_parallel, flash_attention, rope_attention
     from qwen_edit_worker.testing.tiny_model import TINY_TRANSFORMER
+    from tests.engine.test_flash_attention import keys_used_attention
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     if path is None:  # two heads per rank, from the same seed on every rank
@@ -57,6 +58,10 @@ def _rank(rank: int, world: int, store: str, path: str | None, compiled: bool, r
     with torch.inference_mode():
         alone = [transformer(**case)[0] for case in cases]
         context_parallel.enable(transformer, context_parallel.Ranks(rank, world, dist.group.WORLD))
+        if flash:  # FA3's key order on this rank's heads, FA3 itself in SDPA (it runs on Hopper only)
+            flash_attention.attend = keys_used_attention
+            for processor in transformer.attn_processors.values():
+                processor.flash = True
         if compiled:  # as the worker does (`compilation.compile_transformer`): lengths symbolic
             torch._dynamo.config.recompile_limit = 64
             transformer.compile_repeated_blocks(fullgraph=True)
@@ -80,10 +85,11 @@ def test_two_ranks_give_one_process_result_for_texts_of_any_length(tiny_settings
         assert result["breaks"] == 0  # no .item(), no graph break: the split sizes are the host's
 
 
-def test_four_ranks_with_two_heads_each_give_one_process_result(tmp_path):
+def test_four_ranks_with_two_heads_each_and_fa3s_key_order_give_one_process_result(tmp_path):
     # the tiny pipeline has two heads, one per rank: here each rank sends and receives head
-    # groups among three peers, which is where an order of sources or heads could go wrong
-    mp.spawn(_rank, args=(4, str(tmp_path / "store"), None, False, str(tmp_path / "result")), nprocs=4)
+    # groups among three peers, which is where an order of sources or heads could go wrong; the
+    # ranks attend with FlashAttention-3's key order (`flash_attention`), the one process with SDPA
+    mp.spawn(_rank, args=(4, str(tmp_path / "store"), None, False, str(tmp_path / "result"), True), nprocs=4)
     for rank in range(4):
         result = json.loads((tmp_path / f"result.{rank}").read_text())
         assert max(result["errors"]) <= 1e-5, result
