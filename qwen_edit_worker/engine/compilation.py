@@ -56,8 +56,12 @@ def start_workers(settings: Settings) -> None:
     them at the first compile, a process per CPU core, each importing torch: on a 16-core H200
     machine with a kept compile cache, that took the CPU from the Lightning load that follows
     the first compile (7.0-7.8 s instead of 1.5-2.1). Called once torch is imported, while the
-    worker still imports the rest on one core, they start beside it."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    worker still imports the rest on one core, they start beside it. Only on a GPU: the pool
+    compiles Triton kernels; inductor compiles a CPU's C++ kernels on threads, so on a CPU
+    the pool's processes (each importing torch) would only take the CPU from the worker."""
+    if not torch.cuda.is_available():
+        return
+    device = torch.device("cuda")
     # bitsandbytes is ruled out here rather than through should_compile, which would log its
     # skip now and again at the load. Offload is left to the load (CPU_OFFLOAD=auto decides
     # there, from the GPU's free memory): an offloaded model, served eagerly, leaves the pool idle.

@@ -318,18 +318,24 @@ def spy(settings):
     os._exit(0)
 
 started, compilation.start_workers = compilation.start_workers, spy
+if os.environ.get("AS_IF_ON_A_GPU"):  # where the worker finds a GPU (it stops before using it)
+    import torch
+    torch.cuda.is_available = lambda: True
 sys.argv = ["handler.py"]
 runpy.run_path("handler.py", run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("setting, pools", [({"COMPILE_TRANSFORMER": "true"}, True), ({"COMPILE_TRANSFORMER": "false"}, False),
-                                             ({}, False), ({"COMPILE_TRANSFORMER": "true", "PRECISION_MODE": "4bit"}, False)])  # fmt: skip
+@pytest.mark.parametrize("setting, pools", [
+    ({"AS_IF_ON_A_GPU": "1"}, True), ({"AS_IF_ON_A_GPU": "1", "COMPILE_TRANSFORMER": "false"}, False),
+    ({"AS_IF_ON_A_GPU": "1", "COMPILE_TRANSFORMER": "true", "PRECISION_MODE": "4bit"}, False),
+    ({"COMPILE_TRANSFORMER": "true"}, False), ({}, False)])  # fmt: skip
 def test_the_compile_workers_start_while_the_worker_still_imports_if_it_will_compile(tiny_env, setting, pools):
     """torch starts its compile workers at the first compile, where they took the CPU from
     the Lightning load on a GPU machine; the worker starts them once torch is imported, before
-    diffusers, and only where the transformer is compiled (on a CPU only when asked; never
-    with bitsandbytes). They keep the environment they start with: the compile cache's."""
+    diffusers, and only where the transformer is compiled on a GPU (the pool compiles Triton
+    kernels: a CPU's are compiled on threads, so there the pool would only take the CPU), never
+    with bitsandbytes. They keep the environment they start with: the compile cache's."""
     import subprocess
     import sys
 
