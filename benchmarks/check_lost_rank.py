@@ -64,7 +64,7 @@ def main() -> None:
         if where.type == "cuda":
             context_ranks.abort_group()
 
-    context_ranks.watch([process], on_stop)
+    watching = context_ranks.watch([process], on_stop)
     start = time.perf_counter()
     outcome = "returned"
     try:
@@ -73,6 +73,9 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001 - what it raises is what this check reports
         outcome = f"raised {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
     waited = time.perf_counter() - start
+    # gloo fails the wait as soon as the follower's sockets close, a moment before its exit shows
+    process.join(timeout=context_ranks.LOST_GRACE_S)
+    watching.join(timeout=context_ranks.LOST_GRACE_S)
     seen = f"{ended[0] - start:.1f} s" if ended else "never"
     verdict = "PASS" if waited < 60 else "FAIL"
     print(f"{verdict}: rank 1 exited ({process.exitcode}); the watch saw it after {seen}; "
