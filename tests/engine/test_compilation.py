@@ -28,9 +28,19 @@ def run_job(env: dict[str, str], tmp_path, name: str) -> tuple[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def eager_pixels(tiny_env, tmp_path_factory):
-    env = worker_env(tiny_env, COMPILE_TRANSFORMER="false")
-    return run_job(env, tmp_path_factory.mktemp("eager"), "eager")[1]
+def eager_pixels(tiny_env):
+    """The eager worker's image of JOB, made in this process (the worker processes of the tests
+    make theirs with the same code, kernels and thread count)."""
+    import asyncio
+
+    from qwen_edit_worker.service import EditService
+
+    service = EditService(Settings.from_env(tiny_env(COMPILE_TRANSFORMER="false")))
+    try:
+        answer = asyncio.run(service.handle({"id": "eager", **JOB}))
+    finally:
+        service.close()
+    return np.asarray(decoded(answer["output_image_base64"])).astype(int)
 
 
 def test_without_a_compiler_the_worker_falls_back_to_eager_with_one_warning(inductor, tiny_env, tmp_path, eager_pixels):
