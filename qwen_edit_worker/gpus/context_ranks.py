@@ -27,6 +27,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -63,11 +64,15 @@ def _backend(device: torch.device) -> str:
 
 
 def _raised_by_a_collective(error: BaseException) -> bool:
-    """Whether `error` came out of torch.distributed (gloo raises plain RuntimeErrors)."""
+    """Whether `error` came out of a collective: torch.distributed's own errors, one raised
+    through torch.distributed's Python, or (from a compiled graph, whose collectives have no
+    Python frames) a plain RuntimeError in the words of gloo or NCCL."""
     if isinstance(error, dist.DistError):
         return True
     marker = f"torch{os.sep}distributed{os.sep}"
-    return any(marker in frame.filename for frame in traceback.extract_tb(error.__traceback__))
+    if any(marker in frame.filename for frame in traceback.extract_tb(error.__traceback__)):
+        return True
+    return isinstance(error, RuntimeError) and re.search(r"gloo|nccl|c10d|ProcessGroup", str(error), re.I) is not None
 
 
 def _join(store: str, rank: int, world: int, device: torch.device, timeout: timedelta) -> Ranks:

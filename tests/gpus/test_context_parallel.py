@@ -164,15 +164,18 @@ def killed_and_seen_late(process, lag_s: float = 1.0) -> None:
     process.is_alive = lambda: time.monotonic() < seen_from or exited()
 
 
-def test_a_rank_killed_in_the_middle_of_a_job_fails_it_once_and_retires_the_worker(tiny_env):
+@pytest.mark.parametrize("compiled", ["false", "true"], ids=["eager", "compiled"])
+def test_a_rank_killed_in_the_middle_of_a_job_fails_it_once_and_retires_the_worker(tiny_env, compiled):
+    """Compiled, the broken collective's error comes out of the graph with no torch.distributed
+    frame in its traceback: only gloo's or NCCL's words say what it was."""
     import asyncio
 
     from config import Settings
     from qwen_edit_worker.service import EditService
 
     broken = []
-    service = EditService(Settings.from_env(tiny_env(GPU_PARALLELISM="context", GPU_COUNT="2", MAX_BATCH_SIZE="1")),
-                          on_broken=broken.append)  # fmt: skip
+    env = tiny_env(GPU_PARALLELISM="context", GPU_COUNT="2", MAX_BATCH_SIZE="1", MAX_LORAS="0", COMPILE_TRANSFORMER=compiled)
+    service = EditService(Settings.from_env(env), on_broken=broken.append)
     long_job = _service_job("long", "blue")
     long_job["input"]["num_inference_steps"] = 100
 
