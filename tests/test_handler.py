@@ -206,8 +206,8 @@ def test_a_lightning_job_asking_for_base_model_settings_is_warned(tiny_env, base
 
 
 def test_a_side_that_the_limits_move_off_the_inputs_aspect_is_warned(tiny_settings, base_holder):
-    """`width: 512` alone on a 64x512 input (1:8) would need a height of 4096: the output is
-    512x2048 (1:4), and the answer says so."""
+    """`width: 272` alone on a 64x512 input (1:8) would need a height of 2176: the output is
+    272x2048 (about 1:7.5), and the answer says so."""
     tall = io.BytesIO()
     Image.new("RGB", (64, 512), (200, 40, 40)).save(tall, format="PNG")
     tall_b64 = base64.b64encode(tall.getvalue()).decode()
@@ -215,16 +215,16 @@ def test_a_side_that_the_limits_move_off_the_inputs_aspect_is_warned(tiny_settin
     async def scenario():
         service = EditService(tiny_settings, holder=base_holder)
         base = {"prompt": "x", "images": [tall_b64], "num_inference_steps": 1}
-        answers = [await service.handle({"id": "w", "input": {**base, "width": 512}}),
+        answers = [await service.handle({"id": "w", "input": {**base, "width": 272}}),
                    await service.handle({"id": "h", "input": {**base, "height": 1024}})]  # fmt: skip
         service.batcher.close(5)
         return answers
 
     moved, kept = asyncio.run(scenario())
-    assert (moved["width"], moved["height"]) == (512, 2048)
+    assert (moved["width"], moved["height"]) == (272, 2048)
     assert moved["warnings"] == [
-        "height follows the last input image's aspect ratio (64x512), which with width 512 would be 4096 px, outside "
-        "the 64-2048 px a side may have: the output is 512x2048, another aspect ratio (give both width and height to "
+        "height follows the last input image's aspect ratio (64x512), which with width 272 would be 2176 px, outside "
+        "the 64-2048 px a side may have: the output is 272x2048, another aspect ratio (give both width and height to "
         "choose it)."
     ]
     assert (kept["width"], kept["height"], kept["warnings"]) == (128, 1024, [])  # the aspect kept: nothing to say
