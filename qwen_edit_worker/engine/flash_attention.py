@@ -26,6 +26,8 @@ import logging
 
 import torch
 
+from config import WORKER_ATTENTION
+
 log = logging.getLogger("qwen_edit_worker.engine")
 
 HOPPER = (9, 0)  # the one architecture the wheel is built for
@@ -64,26 +66,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_used: torch.T
     """FA3 over [B, S, H, D]; each sample attends to its first `keys_used` keys (all where None)."""
     from fa3_fwd_interface import _flash_attn_forward
 
-    out = _flash_attn_forward(q, k, v, seqused_k=keys_used, softmax_scale=q.shape[-1] ** -0.5, causal=False,
-                              window_size_left=-1, window_size_right=-1)[0]  # fmt: skip
-    return out
+    return _flash_attn_forward(q, k, v, seqused_k=keys_used, softmax_scale=q.shape[-1] ** -0.5, causal=False,
+                               window_size_left=-1, window_size_right=-1)[0]  # fmt: skip
 
 
 def use(transformer, setting: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """FlashAttention-3 in every block of `transformer` (after `rope_attention.install`) where
-    ATTENTION_BACKEND (`setting`) is `auto` or `fa3` and it runs here; one log line saying which
-    attention the blocks use. True where they use FA3."""
-    if setting not in ("auto", "fa3"):
-        return False
+    """Set every block of `transformer` (after `rope_attention.install`) to FlashAttention-3
+    where ATTENTION_BACKEND (`setting`) is `auto` or `fa3` and it runs here, and to the
+    configured backend otherwise; one log line saying which. True where they use FA3."""
+    flash = setting in WORKER_ATTENTION and _available(transformer, setting, device, dtype)
+    for processor in transformer.attn_processors.values():
+        if hasattr(processor, "flash"):  # rope_attention.RealRopeAttnProcessor
+            processor.flash = flash
+    return flash
+
+
+def _available(transformer, setting: str, device: torch.device, dtype: torch.dtype) -> bool:
     reason = unavailable_reason(device, dtype, transformer.config.attention_head_dim)
     if reason is not None:
         if setting == "fa3":  # the start-up check saw the GPU; this model's heads may still not fit
             raise RuntimeError(f"ATTENTION_BACKEND=fa3 cannot be used: {reason}")
         _say_once(f"attention: PyTorch SDPA (FlashAttention-3 is not used: {reason})")
         return False
-    for processor in transformer.attn_processors.values():
-        if hasattr(processor, "flash"):  # rope_attention.RealRopeAttnProcessor
-            processor.flash = True
     _say_once("attention: FlashAttention-3 (fa3-fwd)")
     return True
 

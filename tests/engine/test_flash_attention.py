@@ -93,6 +93,19 @@ def test_auto_falls_back_to_sdpa_with_one_line_where_fa3_cannot_run(caplog):
         flash_attention.use(transformer, "fa3", torch.device("cpu"), torch.float32)
 
 
+def test_use_sets_every_block_to_the_attention_it_chose(monkeypatch):
+    """Where FA3 runs, `auto` and `fa3` put it in every block; another setting takes it out again
+    (gpu_speed.py shapes one transformer for variants with different attention)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    transformer = QwenImageTransformer2DModel(**TINY_TRANSFORMER)
+    rope_attention.install(transformer)
+    monkeypatch.setattr(flash_attention, "unavailable_reason", lambda *args: None)
+    for setting, flash in (("auto", True), ("native", False), ("fa3", True), ("_native_cudnn", False)):
+        assert flash_attention.use(transformer, setting, torch.device("cuda"), torch.bfloat16) is flash
+        assert [p.flash for p in transformer.attn_processors.values()] == [flash] * TINY_TRANSFORMER["num_layers"]
+
+
 def test_fa3_is_chosen_on_hopper_in_bfloat16_where_the_package_loads(monkeypatch):
     """The decision on a GPU, with torch's answers about the GPU given: FA3 only on sm90, in
     bfloat16, with a head size it was built for, and only where the package imports."""
