@@ -294,7 +294,7 @@ def main() -> None:
             for index in range(1, torch.cuda.device_count()):
                 replica = build_pipeline(torch.device("cuda", index))  # the same seed: the same weights
                 rope_attention.install(replica.transformer)
-                flash_attention.use(replica.transformer, args.attention, replica.transformer.device, DTYPE)
+                flash_attention.use(replica.transformer, attention, replica.transformer.device, DTYPE)
                 compilation.compile_transformer(replica, Settings.from_env(base_env))
                 replicas.append(replica)
         env = dict(base_env, CFG_BATCHING=str(variant == "cfgbatch"),
