@@ -19,4 +19,4 @@ LAYERS = (
     ("handler",),
 )
 
-__version__ = "2.1.0"  # the release CHANGES.md names first; tests/test_shipping.py keeps them equal
+__version__ = "2.1.1"  # the release CHANGES.md names first; tests/test_shipping.py keeps them equal

@@ -61,9 +61,13 @@ class Ranks:
         return [tokens // self.size + (rank < tokens % self.size) for rank in range(self.size)]
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """This rank's share of `x`'s image tokens along `dim` (the first ranks one more where they do not divide)."""
+        """This rank's share of `x`'s image tokens along `dim` (the first ranks one more where
+        they do not divide), in a tensor of its own. A view of the whole would reach the first
+        block with a storage offset (on every rank but the first) and strides (of more than one
+        sample) that the later blocks' inputs do not have: dynamo would compile the one
+        regional graph again for each, on every new size."""
         self.forward["tokens"] = x.shape[dim]
-        return x.tensor_split(self.size, dim=dim)[self.rank]
+        return x.tensor_split(self.size, dim=dim)[self.rank].clone(memory_format=torch.contiguous_format)
 
     def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Every rank's `x`, concatenated along `dim` in rank order."""

@@ -69,7 +69,8 @@ def _rank(rank: int, world: int, store: str, path: str | None, compiled: bool, r
         split = [transformer(**case)[0] for case in cases]
     errors = [float((b - a).norm() / a.norm()) for a, b in zip(alone, split)]
     with open(f"{results}.{rank}", "w") as out:
-        json.dump({"errors": errors, "breaks": sum(counters["graph_break"].values())}, out)
+        json.dump({"errors": errors, "breaks": sum(counters["graph_break"].values()),
+                   "graphs": counters["stats"]["unique_graphs"]}, out)  # fmt: skip
     dist.destroy_process_group()
 
 
@@ -83,6 +84,11 @@ def test_two_ranks_give_one_process_result_for_texts_of_any_length(tiny_settings
         result = json.loads((tmp_path / f"result.{rank}").read_text())
         assert max(result["errors"]) <= 1e-5, result  # float32
         assert result["breaks"] == 0  # no .item(), no graph break: the split sizes are the host's
+        # One graph for the three text lengths, one for two samples with a padded text, one for
+        # their odd image size (each rank's share of the image tokens is a host number). The
+        # same on every rank: rank 1's share of the first block's input was once a view with a
+        # storage offset, which the later blocks' inputs lack, and compiled a graph of its own.
+        assert result["graphs"] == (3 if compiled else 0), result
 
 
 def test_four_ranks_with_two_heads_each_and_fa3s_key_order_give_one_process_result(tmp_path):
