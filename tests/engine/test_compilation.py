@@ -113,11 +113,38 @@ print("RESULT " + json.dumps({"image": answer.get("output_image_base64"), "error
 """
 
 
+def first_worker_on_a_volume(settings: Settings) -> dict:
+    """WORKER_ON_A_VOLUME's job and counts, in this process (whose imports are done): the
+    compiled graphs are dropped afterwards, so that no later test in the process reuses them."""
+    import asyncio
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    from qwen_edit_worker.engine import compile_cache
+    from qwen_edit_worker.service import EditService
+
+    counts = {name: counters["inductor"][f"fxgraph_cache_{name}"] for name in ("hit", "miss")}
+    service = EditService(settings)
+    try:
+        answer = asyncio.run(service.handle({"id": "j", "input": JOB["input"]}))
+    finally:
+        service.close()
+        compile_cache.wait_for_saves()
+        torch._dynamo.reset()
+    return {"image": answer.get("output_image_base64"), "error": answer.get("error"),
+            "hits": counters["inductor"]["fxgraph_cache_hit"] - counts["hit"],
+            "misses": counters["inductor"]["fxgraph_cache_miss"] - counts["miss"]}  # fmt: skip
+
+
 def test_a_compiled_worker_matches_eager_and_the_next_one_on_its_volume_starts_from_its_compile_cache(inductor, tiny_env, tmp_path,
-                                                                                                   eager_pixels):  # fmt: skip
+                                                                                                   eager_pixels, monkeypatch,
+                                                                                                   caplog):  # fmt: skip
     """With a compiler the transformer is compiled (inductor, from an empty cache), before the
     text encoder loads, and its pixels are eager's; its compile cache goes to the volume, and
-    a worker in a new container on the same volume compiles nothing."""
+    a worker in a new container (a new process, an empty disk) on the same volume compiles
+    nothing."""
+    import logging
     import shutil
     import subprocess
     import sys
@@ -126,30 +153,32 @@ def test_a_compiled_worker_matches_eager_and_the_next_one_on_its_volume_starts_f
 
     volume = tmp_path / "volume"
     volume.mkdir()
-    local = tmp_path / "container-disk"  # the same path in every container, empty in a new one
-    results = []
-    for worker in ("first", "second"):  # two containers, one volume
-        shutil.rmtree(local, ignore_errors=True)
-        # No idle warm-ups (LoRA slots, batch sizes), whose progress by the time the worker
-        # closes varies: both workers then compile the same graphs. Compiled once, on the
-        # transformer itself (not first on a stand-in while it loads): half the C++ compiles.
-        env = worker_env(tiny_env, COMPILE_TRANSFORMER="true", MAX_LORAS="0", MAX_BATCH_SIZE="1",
-                         COMPILE_WHILE_LOADING="false", TORCHINDUCTOR_CACHE_DIR=str(local))  # fmt: skip
-        done = subprocess.run([sys.executable, "-c", WORKER_ON_A_VOLUME, str(volume), json.dumps(JOB["input"])], env=env,
-                              cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
-        lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        assert lines, done.stderr[-3000:]
-        results.append(json.loads(lines[0]))
-        assert results[-1]["error"] is None
-        assert (volume / ".cache" / "qwen-edit-worker-compile" / "manifest.json").exists()  # saved there
-        if worker == "first":
-            log = done.stderr
-            assert FALLBACK not in log and "warm-up edit took" in log and any(local.iterdir()), log[-3000:]
-            assert "compiling before the text encoder loads took" in log  # the service asks the loader to
-    assert results[0]["misses"] > 0  # the first compiled its graphs
-    assert results[1]["hits"] > 0 and results[1]["misses"] == 0  # restored before compiling: found them all
-    assert results[0]["image"] == results[1]["image"]
-    compiled = np.asarray(decoded(results[0]["image"])).astype(int)
+    # No idle warm-ups (LoRA slots, batch sizes), whose progress by the time the worker closes
+    # varies: both workers then compile the same graphs. Compiled once, on the transformer
+    # itself (not first on a stand-in while it loads): half the C++ compiles.
+    env = worker_env(tiny_env, COMPILE_TRANSFORMER="true", MAX_LORAS="0", MAX_BATCH_SIZE="1",
+                     COMPILE_WHILE_LOADING="false")  # fmt: skip
+    disk = tmp_path / "container-disk"  # the same path in every container, empty in a new one
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(disk))  # read where inductor writes
+    settings = dataclasses.replace(Settings.from_env(env), compile_cache_mirror=str(volume))  # as if on a volume
+    with caplog.at_level(logging.INFO):
+        first = first_worker_on_a_volume(settings)
+    assert first["error"] is None and first["misses"] > 0  # the first compiled its graphs
+    assert FALLBACK not in caplog.text and "warm-up edit took" in caplog.text and any(disk.iterdir())
+    assert "compiling before the text encoder loads took" in caplog.text  # the service asks the loader to
+    assert (volume / ".cache" / "qwen-edit-worker-compile" / "manifest.json").exists()  # saved there
+
+    shutil.rmtree(disk)  # a new container
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(disk)
+    done = subprocess.run([sys.executable, "-c", WORKER_ON_A_VOLUME, str(volume), json.dumps(JOB["input"])], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, done.stderr[-3000:]
+    second = json.loads(lines[0])
+    assert second["error"] is None
+    assert second["hits"] > 0 and second["misses"] == 0  # restored before compiling: found them all
+    assert first["image"] == second["image"]
+    compiled = np.asarray(decoded(first["image"])).astype(int)
     assert np.abs(compiled - eager_pixels).max() <= 1  # float32 kernels fused differently: at most 1/255
 
 
