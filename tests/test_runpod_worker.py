@@ -150,7 +150,7 @@ def test_sigterm_finishes_taken_jobs_takes_no_more_and_exits_zero(standin, tiny_
 
 
 def test_a_job_stopped_by_runpod_while_queued_never_reaches_the_gpu(standin, tiny_env, tmp_path):
-    slow = {"id": "slow", "input": {"prompt": "busy", "images": [SAMPLE], "width": 512, "height": 512, "seed": 1,
+    slow = {"id": "slow", "input": {"prompt": "busy", "images": [SAMPLE], "width": 384, "height": 384, "seed": 1,
                                     "num_inference_steps": 40}}  # fmt: skip
     victim = dict(good_job(1), id="victim")
     after = dict(good_job(2), id="after")
