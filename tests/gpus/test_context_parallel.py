@@ -9,69 +9,11 @@ import time
 
 import numpy as np
 import pytest
-import torch
 import torch.multiprocessing as mp
 
+from tests.gpus.rank_forward import rank_forward
 from tests.test_handler import ROOT
 from tests.test_runpod_worker import good_job, serve_jobs, standin  # noqa: F401
-
-LENGTHS = (7, 13, 20)  # odd, prime, even: none needs to divide among the ranks
-
-
-def _inputs(transformer) -> list[dict]:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from forward_profile import forward_inputs
-
-    torch.manual_seed(0)
-    cases = [forward_inputs(transformer, 4, length, torch.device("cpu"), torch.float32) for length in LENGTHS]
-    batch = forward_inputs(transformer, 4, 11, torch.device("cpu"), torch.float32)  # two prompts, one padded
-    batch.update(hidden_states=batch["hidden_states"].repeat(2, 1, 1), timestep=batch["timestep"].repeat(2),
-                 encoder_hidden_states=torch.randn(2, 11, transformer.config.joint_attention_dim),
-                 encoder_hidden_states_mask=torch.tensor([[1] * 11, [1] * 6 + [0] * 5]), img_shapes=batch["img_shapes"] * 2)  # fmt: skip
-    # A size whose image tokens divide by no GPU count: a 5x5 output beside a 4x4 reference (41
-    # tokens; 11 + 10 + 10 + 10 on four ranks), two such samples with a padded text.
-    odd = forward_inputs(transformer, 4, 9, torch.device("cpu"), torch.float32)
-    odd.update(hidden_states=torch.randn(2, 41, transformer.config.in_channels), timestep=odd["timestep"].repeat(2),
-               encoder_hidden_states=torch.randn(2, 9, transformer.config.joint_attention_dim),
-               encoder_hidden_states_mask=torch.tensor([[1] * 9, [1] * 4 + [0] * 5]),
-               img_shapes=[[(1, 5, 5), (1, 4, 4)]] * 2)  # fmt: skip
-    return [*cases, batch, odd]
-
-
-def _rank(rank: int, world: int, store: str, path: str | None, compiled: bool, results: str, flash: bool = False) -> None:
-    import torch.distributed as dist
-    from diffusers import QwenImageTransformer2DModel
-    from torch._dynamo.utils import counters
-
-    from qwen_edit_worker.engine import compilation, context_parallel, flash_attention, rope_attention
-    from qwen_edit_worker.testing.tiny_model import TINY_TRANSFORMER
-    from tests.engine.test_flash_attention import keys_used_attention
-
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    if path is None:  # two heads per rank, from the same seed on every rank
-        torch.manual_seed(0)
-        transformer = QwenImageTransformer2DModel(**dict(TINY_TRANSFORMER, num_attention_heads=2 * world)).float().eval()
-    else:
-        transformer = QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer").float().eval()
-    rope_attention.install(transformer)
-    cases = _inputs(transformer)
-    with torch.inference_mode():
-        alone = [transformer(**case)[0] for case in cases]
-        context_parallel.enable(transformer, context_parallel.Ranks(rank, world, dist.group.WORLD))
-        if flash:  # FA3's key order on this rank's heads, FA3 itself in SDPA (it runs on Hopper only)
-            flash_attention.attend = keys_used_attention
-            for processor in transformer.attn_processors.values():
-                processor.flash = True
-        if compiled:  # as the worker does (`compilation.compile_transformer`): lengths symbolic
-            torch._dynamo.config.recompile_limit = 64
-            transformer.compile_repeated_blocks(fullgraph=True)
-            compilation.sequences_dynamic(transformer)
-        split = [transformer(**case)[0] for case in cases]
-    errors = [float((b - a).norm() / a.norm()) for a, b in zip(alone, split)]
-    with open(f"{results}.{rank}", "w") as out:
-        json.dump({"errors": errors, "breaks": sum(counters["graph_break"].values()),
-                   "graphs": counters["stats"]["unique_graphs"]}, out)  # fmt: skip
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -79,7 +21,7 @@ def test_two_ranks_give_one_process_result_for_texts_of_any_length(tiny_settings
     from qwen_edit_worker.testing.tiny_model import ensure_tiny_model
 
     path = str(ensure_tiny_model(tiny_settings.model_dir) / "pipeline")
-    mp.spawn(_rank, args=(2, str(tmp_path / "store"), path, compiled, str(tmp_path / "result")), nprocs=2)
+    mp.spawn(rank_forward, args=(2, str(tmp_path / "store"), path, compiled, str(tmp_path / "result")), nprocs=2)
     for rank in (0, 1):
         result = json.loads((tmp_path / f"result.{rank}").read_text())
         assert max(result["errors"]) <= 1e-5, result  # float32
@@ -95,7 +37,7 @@ def test_four_ranks_with_two_heads_each_and_fa3s_key_order_give_one_process_resu
     # the tiny pipeline has two heads, one per rank: here each rank sends and receives head
     # groups among three peers, which is where an order of sources or heads could go wrong; the
     # ranks attend with FlashAttention-3's key order (`flash_attention`), the one process with SDPA
-    mp.spawn(_rank, args=(4, str(tmp_path / "store"), None, False, str(tmp_path / "result"), True), nprocs=4)
+    mp.spawn(rank_forward, args=(4, str(tmp_path / "store"), None, False, str(tmp_path / "result"), True), nprocs=4)
     for rank in range(4):
         result = json.loads((tmp_path / f"result.{rank}").read_text())
         assert max(result["errors"]) <= 1e-5, result
