@@ -31,7 +31,7 @@ from qwen_edit_worker.engine.edit_engine import EditEngine
 
 # Were torch imported first (a pytest plugin does), it read neither variable: set them here too.
 torch._dynamo.config.debug_backend_override = os.environ["TORCH_COMPILE_OVERRIDE_BACKENDS"]
-torch._inductor.config.cpp.vec_isa_ok = {"0": False, "1": True}.get(os.environ["TORCHINDUCTOR_VEC_ISA_OK"])
+torch._inductor.config.cpp.vec_isa_ok = torch._inductor.config.get_tristate_env("TORCHINDUCTOR_VEC_ISA_OK")
 
 
 @pytest.fixture(scope="session")

@@ -95,27 +95,10 @@ def test_weights_on_a_volume_put_the_compile_cache_on_local_disk_mirrored_there(
     assert not config.compile_cache_dir(on_volume).startswith(str(tmp_path / "models"))
 
 
-WORKER_ON_A_VOLUME = """
-import asyncio, dataclasses, json, logging, sys
-logging.basicConfig(level=logging.INFO)  # the worker's log, as handler.py sets it up
-from torch._dynamo.utils import counters
-from config import Settings
-from qwen_edit_worker.service import EditService
-from qwen_edit_worker.engine import compile_cache
-settings = dataclasses.replace(Settings.from_env(), compile_cache_mirror=sys.argv[1])  # as if MODEL_DIR were on a volume
-service = EditService(settings)
-answer = asyncio.run(service.handle({"id": "j", "input": json.loads(sys.argv[2])}))
-service.close()
-compile_cache.wait_for_saves()  # the background save
-print("RESULT " + json.dumps({"image": answer.get("output_image_base64"), "error": answer.get("error"),
-                              "hits": counters["inductor"]["fxgraph_cache_hit"],
-                              "misses": counters["inductor"]["fxgraph_cache_miss"]}))
-"""
-
-
-def first_worker_on_a_volume(settings: Settings) -> dict:
-    """WORKER_ON_A_VOLUME's job and counts, in this process (whose imports are done): the
-    compiled graphs are dropped afterwards, so that no later test in the process reuses them."""
+def serve_one_job_on_a_volume(settings: Settings, job_input: dict) -> dict:
+    """One job served by a worker with `settings`, its compile cache saved to the volume: the
+    image, the error, and the compile cache's hits and misses meanwhile. The compiled graphs
+    are dropped afterwards, so that nothing later in the process reuses them."""
     import asyncio
 
     import torch
@@ -127,14 +110,25 @@ def first_worker_on_a_volume(settings: Settings) -> dict:
     counts = {name: counters["inductor"][f"fxgraph_cache_{name}"] for name in ("hit", "miss")}
     service = EditService(settings)
     try:
-        answer = asyncio.run(service.handle({"id": "j", "input": JOB["input"]}))
+        answer = asyncio.run(service.handle({"id": "j", "input": job_input}))
     finally:
         service.close()
-        compile_cache.wait_for_saves()
+        compile_cache.wait_for_saves()  # the background save
         torch._dynamo.reset()
     return {"image": answer.get("output_image_base64"), "error": answer.get("error"),
             "hits": counters["inductor"]["fxgraph_cache_hit"] - counts["hit"],
             "misses": counters["inductor"]["fxgraph_cache_miss"] - counts["miss"]}  # fmt: skip
+
+
+# The same in a new process: a worker in a new container.
+WORKER_ON_A_VOLUME = """
+import dataclasses, json, logging, sys
+logging.basicConfig(level=logging.INFO)  # the worker's log, as handler.py sets it up
+from config import Settings
+from tests.engine.test_compilation import serve_one_job_on_a_volume
+settings = dataclasses.replace(Settings.from_env(), compile_cache_mirror=sys.argv[1])  # as if MODEL_DIR were on a volume
+print("RESULT " + json.dumps(serve_one_job_on_a_volume(settings, json.loads(sys.argv[2]))))
+"""
 
 
 def test_a_compiled_worker_matches_eager_and_the_next_one_on_its_volume_starts_from_its_compile_cache(inductor, tiny_env, tmp_path,
@@ -162,7 +156,7 @@ def test_a_compiled_worker_matches_eager_and_the_next_one_on_its_volume_starts_f
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(disk))  # read where inductor writes
     settings = dataclasses.replace(Settings.from_env(env), compile_cache_mirror=str(volume))  # as if on a volume
     with caplog.at_level(logging.INFO):
-        first = first_worker_on_a_volume(settings)
+        first = serve_one_job_on_a_volume(settings, JOB["input"])  # in this process, whose imports are done
     assert first["error"] is None and first["misses"] > 0  # the first compiled its graphs
     assert FALLBACK not in caplog.text and "warm-up edit took" in caplog.text and any(disk.iterdir())
     assert "compiling before the text encoder loads took" in caplog.text  # the service asks the loader to
